@@ -1,0 +1,1 @@
+"""The admin tokens domain of the admin API."""

@@ -1,0 +1,1 @@
+"""The deployments domain of the admin API."""

@@ -1,0 +1,1 @@
+"""The engines domain of the admin API."""

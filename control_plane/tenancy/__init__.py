@@ -1,0 +1,1 @@
+"""The tenancy domain of the admin API."""

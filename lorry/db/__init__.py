@@ -1,0 +1,1 @@
+"""Database models, types and engine construction shared by both servers."""

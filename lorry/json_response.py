@@ -1,0 +1,15 @@
+"""A JSON response rendered with orjson, for bodies built by hand (errors, proxied payloads)."""
+
+from __future__ import annotations
+
+from typing import Any
+
+import orjson
+from starlette.responses import Response
+
+
+class JSONResponse(Response):
+    media_type = "application/json"
+
+    def render(self, content: Any) -> bytes:
+        return orjson.dumps(content)
