@@ -13,6 +13,7 @@ from typing import Any
 import httpx
 
 from lorry import keys
+from lorry.private_files import write_private_json
 from lorry.serving import Listener, serve_all
 from lorry.settings import LorrySettings
 
@@ -27,16 +28,6 @@ class UpOptions:
     port: int = 8080
     admin_port: int = 8081
     state_dir: Path = STATE_DIR
-
-
-def write_private_json(path: Path, data: dict[str, Any]) -> None:
-    """Atomic write with mode 0600: these files hold plaintext credentials."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
-    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
-    with os.fdopen(fd, "w") as handle:
-        json.dump(data, handle, indent=2)
-    tmp.replace(path)
 
 
 def load_secrets(state_dir: Path) -> dict[str, Any]:

@@ -1,0 +1,7 @@
+"""The typed admin-API client."""
+
+from lorry.client.clients import AsyncCloudApiClient, CloudApiClient
+from lorry.client.errors import CloudApiError
+from lorry.client.models import DeploymentScope
+
+__all__ = ["AsyncCloudApiClient", "CloudApiClient", "CloudApiError", "DeploymentScope"]
