@@ -16,6 +16,7 @@ from control_plane.audit.router import router as audit_router
 from control_plane.bootstrap import ensure_bootstrapped
 from control_plane.context import AppContext
 from control_plane.deployments.router import router as deployments_router
+from control_plane.engines.catalog import static_engines
 from control_plane.engines.router import router as engines_router
 from control_plane.jobs.router import router as jobs_router
 from control_plane.principal import AdminTokenVerifier
@@ -44,6 +45,7 @@ def create_app(settings: LorrySettings, ctx: AppContext | None = None) -> FastAP
 
     @asynccontextmanager
     async def lifespan(_app: FastAPI) -> AsyncIterator[None]:
+        static_engines(settings)  # a malformed LORRY_ENGINES fails the start, not a later request
         if settings.auto_migrate:
             await _run_migrations(settings.database_url)
         async with context.sessionmaker() as session:

@@ -1,0 +1,95 @@
+"""Commands that run things here: `migrate`, `serve …`, `up`, `demo-model`."""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import subprocess
+import sys
+from pathlib import Path
+from typing import Annotated
+
+import typer
+
+from lorry.settings import LorrySettings
+
+serve_app = typer.Typer(no_args_is_help=True, help="Run a Lorry server in the foreground.")
+HostOption = Annotated[str, typer.Option(help="Interface to listen on.")]
+
+
+def migrate(revision: Annotated[str, typer.Argument(help="Target revision.")] = "head") -> None:
+    """Bring the database at LORRY_DATABASE_URL to the latest schema."""
+    from lorry import migrate as migrations
+
+    migrations.upgrade(LorrySettings().database_url, revision)
+    typer.echo(f"database at revision {migrations.head_revision() if revision == 'head' else revision}")
+
+
+@serve_app.command("control-plane")
+def serve_control_plane(host: HostOption = "127.0.0.1", port: int = 8081) -> None:
+    """The admin API."""
+    from control_plane.app import create_app
+    from lorry.serving import Listener, serve_all
+
+    settings = LorrySettings()
+    listener = Listener(create_app(settings), host, port, "control-plane")
+    asyncio.run(serve_all([listener], log_level=settings.log_level))
+
+
+@serve_app.command("gateway")
+def serve_gateway(host: HostOption = "0.0.0.0", port: int = 8080, ops_port: int = 9090) -> None:  # noqa: S104
+    """The data plane at <slug>.<LORRY_BASE_DOMAIN>; /healthz, /readyz and /metrics on --ops-port."""
+    from gateway.server import serve
+
+    asyncio.run(serve(LorrySettings(), host=host, port=port, ops_port=ops_port))
+
+
+@serve_app.command("all")
+def serve_everything(
+    host: HostOption = "127.0.0.1", port: int = 8080, admin_port: int = 8081, ops_port: int = 9090
+) -> None:
+    """Control plane and gateway in one process, sharing change notifications."""
+    from gateway.server import serve_with_control_plane
+
+    asyncio.run(
+        serve_with_control_plane(
+            LorrySettings(), host=host, port=port, admin_port=admin_port, ops_port=ops_port
+        )
+    )
+
+
+def up(
+    host: HostOption = "127.0.0.1",
+    port: int = 8080,
+    admin_port: int = 8081,
+    state_dir: Annotated[Path, typer.Option(help="Where the embedded state lives.")] = Path(".lorry"),
+) -> None:
+    """Run Lorry on its embedded default: SQLite under ./.lorry/, one process."""
+    from lorry.local_stack import UpOptions, run_up
+
+    asyncio.run(run_up(UpOptions(host=host, port=port, admin_port=admin_port, state_dir=state_dir)))
+
+
+def demo_model(
+    out: Annotated[Path | None, typer.Option(help="Output directory (default: the cache).")] = None,
+) -> None:
+    """Write the tiny random Llama and its demo adapters, using the engine environment."""
+    from lorry import engine_env
+
+    settings = LorrySettings()
+    python = engine_env.build(settings.cache_dir)
+    target = out or engine_env.demo_model_dir(settings.cache_dir)
+    script = Path(__file__).resolve().parent.parent / "engine_tools" / "demo_model.py"
+    result = subprocess.run(  # noqa: S603 - our own script in our own environment
+        [str(python), str(script), "--out", str(target)], env=os.environ.copy(), check=False
+    )
+    if result.returncode != 0:
+        raise typer.Exit(result.returncode)
+    sys.stdout.write(f"{target}\n")
+
+
+def register(app: typer.Typer) -> None:
+    app.command("migrate")(migrate)
+    app.add_typer(serve_app, name="serve")
+    app.command("up")(up)
+    app.command("demo-model")(demo_model)

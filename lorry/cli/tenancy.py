@@ -1,0 +1,162 @@
+"""`lorry login`, `lorry orgs …`, `lorry projects …`, `lorry admin tokens …`, `lorry audit list`."""
+
+from __future__ import annotations
+
+import asyncio
+from datetime import datetime
+from typing import Annotated
+
+import typer
+
+from lorry.cli.output import JsonOption, emit, emit_json, note, secret_line
+from lorry.cli.session import OrgOption, failures_as_exit, resolve_scope, run
+from lorry.client import CloudApiClient
+from lorry.credentials import (
+    Credentials,
+    ensure_credentials,
+    home_credentials_path,
+    local_credentials_path,
+    save_credentials,
+)
+from lorry.settings import LorrySettings
+
+orgs_app = typer.Typer(no_args_is_help=True, help="Organizations.")
+projects_app = typer.Typer(no_args_is_help=True, help="Projects.")
+admin_app = typer.Typer(no_args_is_help=True, help="Admin tokens.")
+tokens_app = typer.Typer(no_args_is_help=True, help="List, revoke and roll admin tokens.")
+audit_app = typer.Typer(no_args_is_help=True, help="The audit log.")
+admin_app.add_typer(tokens_app, name="tokens")
+
+Json = Annotated[bool, JsonOption]
+TOKEN_COLUMNS = ["id", "label", "prefix", "kind", "orgId", "enabled", "createdAt", "lastUsedAt", "expiresAt"]
+
+
+def login(
+    token: Annotated[str, typer.Option(prompt=True, hide_input=True, help="An admin token (lorry_admin_…).")],
+    url: Annotated[str, typer.Option(help="The control plane's URL.")] = "http://127.0.0.1:8081",
+    org: Annotated[str | None, typer.Option(help="Default org slug for later commands.")] = None,
+    project: Annotated[str | None, typer.Option(help="Default project slug for later commands.")] = None,
+    local: Annotated[bool, typer.Option(help="Save in ./.lorry/ instead of ~/.lorry/.")] = False,
+) -> None:
+    """Check an admin token against the control plane and save it (mode 0600)."""
+    credentials = Credentials(token=token, apiUrl=url, orgSlug=org, projectSlug=project)
+    with failures_as_exit(), CloudApiClient(url, credentials) as client:
+        me = client.me()
+    path = save_credentials(credentials, local_credentials_path() if local else home_credentials_path())
+    note(f"logged in to {url} as {me.token.prefix} ({me.token.kind}); saved to {path}")
+
+
+@orgs_app.command("list")
+def list_orgs(as_json: Json = False) -> None:
+    emit(run(lambda c: c.me().orgs), as_json=as_json, columns=["id", "slug", "name"])
+
+
+@orgs_app.command("create")
+def create_org(slug: str, name: Annotated[str | None, typer.Option()] = None, as_json: Json = False) -> None:
+    emit(run(lambda c: c.create_org(slug, name or slug)), as_json=as_json, columns=["id", "slug", "name"])
+
+
+def _org(client: CloudApiClient, org: str | None) -> str:
+    return resolve_scope(client, org, "-").org_slug
+
+
+@projects_app.command("list")
+def list_projects(org: OrgOption = None, as_json: Json = False) -> None:
+    rows = run(lambda c: c.list_projects(_org(c, org)).projects)
+    emit(rows, as_json=as_json, columns=["id", "slug", "name", "orgId"])
+
+
+@projects_app.command("create")
+def create_project(
+    slug: str,
+    name: Annotated[str | None, typer.Option()] = None,
+    org: OrgOption = None,
+    as_json: Json = False,
+) -> None:
+    row = run(lambda c: c.create_project(_org(c, org), slug, name or slug))
+    emit(row, as_json=as_json, columns=["id", "slug", "name", "orgId"])
+
+
+@admin_app.command("create-token")
+def create_token(
+    kind: Annotated[str, typer.Option(help="install or org.")] = "install",
+    org: Annotated[str | None, typer.Option(help="Org slug, for --kind org.")] = None,
+    label: Annotated[str, typer.Option(help="A name to recognise the token by.")] = "cli",
+    database: Annotated[
+        bool,
+        typer.Option(
+            "--database", help="Mint directly in LORRY_DATABASE_URL (the first token of an install)."
+        ),
+    ] = False,
+    as_json: Json = False,
+) -> None:
+    """Mint an admin token, printed once. Without credentials (or with --database) it is written
+    straight into the database; otherwise it is created through the admin API."""
+    use_database = database
+    if not use_database:
+        try:
+            ensure_credentials()
+        except Exception:
+            use_database = True
+    if use_database:
+        from lorry.admin_bootstrap import mint_admin_token
+
+        try:
+            minted = asyncio.run(mint_admin_token(LorrySettings(), kind=kind, org_slug=org, label=label))
+        except ValueError as exc:
+            note(f"error: {exc}")
+            raise typer.Exit(1) from exc
+        plaintext, token_id, prefix = minted.plaintext, minted.id, minted.prefix
+    else:
+        created = run(lambda c: c.create_admin_token(label, kind=kind, org_slug=org))
+        plaintext, token_id, prefix = created.plaintext, created.id, created.prefix
+    if as_json:
+        emit_json({"token": plaintext, "id": token_id, "prefix": prefix, "kind": kind})
+    else:
+        secret_line("Admin token", plaintext)
+        note(f"id {token_id}. The plaintext is shown this once.")
+
+
+@tokens_app.command("list")
+def list_tokens(
+    org: Annotated[str | None, typer.Option(help="Only this org's tokens.")] = None, as_json: Json = False
+) -> None:
+    emit(run(lambda c: c.list_admin_tokens(org)), as_json=as_json, columns=TOKEN_COLUMNS)
+
+
+@tokens_app.command("revoke")
+def revoke_token(token_id: str, as_json: Json = False) -> None:
+    run(lambda c: c.revoke_admin_token(token_id))
+    if as_json:
+        emit_json({"revoked": token_id})
+    else:
+        note(f"revoked admin token {token_id}")
+
+
+@tokens_app.command("roll")
+def roll_token(
+    token_id: str,
+    grace: Annotated[
+        int | None, typer.Option(help="Seconds the old token keeps working (0 = revoke now).")
+    ] = None,
+    as_json: Json = False,
+) -> None:
+    rolled = run(lambda c: c.roll_admin_token(token_id, grace))
+    if as_json:
+        emit_json(rolled)
+        return
+    secret_line("Admin token", rolled.token.plaintext)
+    note(f"previous token {rolled.previous.id} stops working at {rolled.previous.expires_at}")
+
+
+@audit_app.command("list")
+def list_audit(
+    org: OrgOption = None,
+    action: Annotated[str | None, typer.Option(help="e.g. deployment.create")] = None,
+    since: Annotated[datetime | None, typer.Option(help="ISO time.")] = None,
+    limit: Annotated[int, typer.Option(min=1, max=500)] = 100,
+    as_json: Json = False,
+) -> None:
+    rows = run(lambda c: c.list_audit_events(org, action=action, since=since, limit=limit))
+    columns = ["createdAt", "action", "resourceType", "resourceId", "actorTokenId", "details"]
+    emit(rows, as_json=as_json, columns=columns)
