@@ -16,7 +16,7 @@ from lorry import keys
 from lorry.settings import LorrySettings
 from tests.support.databases import PostgresTemplate, SqliteTemplate, row_counts, templates
 
-pytest_plugins = ["tests.fixtures_engine"] if (Path(__file__).parent / "fixtures_engine.py").exists() else []
+pytest_plugins = ["tests.fixtures_engine"]
 
 BACKENDS = ["sqlite", "postgres"]
 ADMIN_TOKEN = keys.issue(keys.TokenKind.ADMIN_TOKEN).plaintext

@@ -1,0 +1,1 @@
+"""Scripts that run inside the vLLM engine environment, never inside Lorry's own environment."""
