@@ -3,8 +3,6 @@
 from __future__ import annotations
 
 import asyncio
-import os
-import subprocess
 import sys
 from pathlib import Path
 from typing import Annotated
@@ -70,21 +68,17 @@ def up(
     asyncio.run(run_up(UpOptions(host=host, port=port, admin_port=admin_port, state_dir=state_dir)))
 
 
-def demo_model(
-    out: Annotated[Path | None, typer.Option(help="Output directory (default: the cache).")] = None,
-) -> None:
-    """Write the tiny random Llama and its demo adapters, using the engine environment."""
+def demo_model() -> None:
+    """Write the tiny random Llama and its demo adapters (building the engine environment first)."""
     from lorry import engine_env
 
-    settings = LorrySettings()
-    python = engine_env.build(settings.cache_dir)
-    target = out or engine_env.demo_model_dir(settings.cache_dir)
-    script = Path(__file__).resolve().parent.parent / "engine_tools" / "demo_model.py"
-    result = subprocess.run(  # noqa: S603 - our own script in our own environment
-        [str(python), str(script), "--out", str(target)], env=os.environ.copy(), check=False
-    )
-    if result.returncode != 0:
-        raise typer.Exit(result.returncode)
+    cache_dir = LorrySettings().cache_dir
+    try:
+        engine_env.build(cache_dir)
+        target = engine_env.build_demo_model(cache_dir)
+    except engine_env.EngineEnvError as exc:
+        sys.stderr.write(f"error: {exc}\n")
+        raise typer.Exit(1) from exc
     sys.stdout.write(f"{target}\n")
 
 
