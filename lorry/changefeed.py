@@ -11,7 +11,7 @@ import enum
 from collections.abc import Sequence
 from datetime import datetime
 
-from sqlalchemy import delete, select, text, update
+from sqlalchemy import delete, func, select, text, update
 from sqlalchemy.ext.asyncio import AsyncSession
 
 from lorry.db.models import ChangeCounter, ChangeLogEntry
@@ -65,6 +65,13 @@ async def oldest_retained_seq(session: AsyncSession) -> int | None:
 
 
 async def trim_before(session: AsyncSession, cutoff: datetime) -> int:
-    """Drop entries older than ``cutoff``; readers behind the oldest kept entry resynchronise."""
-    result = await session.execute(delete(ChangeLogEntry).where(ChangeLogEntry.created_at < cutoff))
+    """Drop entries older than ``cutoff``; readers behind the oldest kept entry resynchronise.
+
+    The newest entry is always kept, however old: with an empty log a reader whose cursor is behind
+    could not tell that it missed changes (``oldest_retained_seq`` would be None).
+    """
+    newest = select(func.max(ChangeLogEntry.seq)).scalar_subquery()
+    result = await session.execute(
+        delete(ChangeLogEntry).where(ChangeLogEntry.created_at < cutoff, ChangeLogEntry.seq < newest)
+    )
     return int(result.rowcount)  # type: ignore[attr-defined]

@@ -21,8 +21,18 @@ def new_id() -> str:
 
 
 def isoformat(value: datetime) -> str:
-    """``YYYY-MM-DDTHH:MM:SS.sssZ``, the one wire format for timestamps."""
-    return value.astimezone(UTC).strftime("%Y-%m-%dT%H:%M:%S.") + f"{value.microsecond // 1000:03d}Z"
+    """``YYYY-MM-DDTHH:MM:SS.sssZ``, the one wire format for timestamps (milliseconds truncated).
+
+    A naive value is refused rather than read as the server's local time; the year is always four
+    digits (``strftime("%Y")`` drops the zero padding below year 1000 on glibc).
+    """
+    if value.tzinfo is None or value.utcoffset() is None:
+        raise ValueError("naive datetimes have no wire format; use an aware UTC value")
+    v = value.astimezone(UTC)
+    return (
+        f"{v.year:04d}-{v.month:02d}-{v.day:02d}T{v.hour:02d}:{v.minute:02d}:{v.second:02d}"
+        f".{v.microsecond // 1000:03d}Z"
+    )
 
 
 class UTCDateTime(TypeDecorator[datetime]):
