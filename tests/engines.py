@@ -29,6 +29,7 @@ from pathlib import Path
 import httpx
 
 from lorry import engine_env
+from lorry.local_engine import engine_command, engine_environ
 
 MAX_ENGINES = 2
 """Engines (of any origin) alive at once in a test session (DESIGN §10)."""
@@ -267,66 +268,6 @@ def _group_pids(pgid: int) -> list[int]:
         if len(rest) > 2 and rest[2] == str(pgid) and rest[0] != "Z":
             pids.append(int(entry.name))
     return pids
-
-
-def engine_command(
-    python: Path,
-    model_dir: Path,
-    *,
-    port: int,
-    served_model_name: str,
-    max_loras: int,
-    max_lora_rank: int,
-    dtype: str,
-    extra_args: Sequence[str] = (),
-) -> list[str]:
-    return [
-        str(python),
-        "-m",
-        "vllm.entrypoints.openai.api_server",
-        "--host",
-        "127.0.0.1",
-        "--port",
-        str(port),
-        "--model",
-        str(model_dir),
-        "--served-model-name",
-        served_model_name,
-        "--enable-lora",
-        "--max-lora-rank",
-        str(max_lora_rank),
-        "--max-loras",
-        str(max_loras),
-        "--max-model-len",
-        "4096",
-        "--dtype",
-        dtype,
-        *extra_args,
-    ]
-
-
-def engine_environ(cpu_core: int, extra_env: Mapping[str, str] | None = None) -> dict[str, str]:
-    env = {
-        key: value
-        for key, value in os.environ.items()
-        if key not in ("PYTHONPATH", "PYTHONHOME", "VIRTUAL_ENV") and not key.startswith("PYTEST_")
-    }
-    env.update(
-        {
-            "VLLM_ALLOW_RUNTIME_LORA_UPDATING": "1",
-            "VLLM_CPU_KVCACHE_SPACE": "1",
-            "VLLM_CPU_OMP_THREADS_BIND": str(cpu_core),
-            "HF_HUB_OFFLINE": "1",
-            "TRANSFORMERS_OFFLINE": "1",
-            "HF_DATASETS_OFFLINE": "1",
-            "VLLM_NO_USAGE_STATS": "1",
-            "DO_NOT_TRACK": "1",
-            "PYTHONUNBUFFERED": "1",
-        }
-    )
-    if extra_env:
-        env.update(extra_env)
-    return env
 
 
 def start_engine(

@@ -47,10 +47,10 @@ def serve_everything(
     host: HostOption = "127.0.0.1", port: int = 8080, admin_port: int = 8081, ops_port: int = 9090
 ) -> None:
     """Control plane and gateway in one process, sharing change notifications."""
-    from gateway.server import serve_with_control_plane
+    from lorry.combined import serve_control_plane_and_gateway
 
     asyncio.run(
-        serve_with_control_plane(
+        serve_control_plane_and_gateway(
             LorrySettings(), host=host, port=port, admin_port=admin_port, ops_port=ops_port
         )
     )
@@ -60,12 +60,26 @@ def up(
     host: HostOption = "127.0.0.1",
     port: int = 8080,
     admin_port: int = 8081,
+    ops_port: int = 9090,
     state_dir: Annotated[Path, typer.Option(help="Where the embedded state lives.")] = Path(".lorry"),
+    model: Annotated[
+        Path | None, typer.Option(exists=True, file_okay=False, help="Serve this local model directory.")
+    ] = None,
+    engine_url: Annotated[str | None, typer.Option(help="Use this running vLLM server instead.")] = None,
 ) -> None:
-    """Run Lorry on its embedded default: SQLite under ./.lorry/, one process."""
+    """Run Lorry on its embedded default: SQLite under ./.lorry/, a local vLLM CPU engine, one process."""
     from lorry.local_stack import UpOptions, run_up
 
-    asyncio.run(run_up(UpOptions(host=host, port=port, admin_port=admin_port, state_dir=state_dir)))
+    options = UpOptions(
+        host=host,
+        port=port,
+        admin_port=admin_port,
+        ops_port=ops_port,
+        state_dir=state_dir,
+        model=model,
+        engine_url=engine_url,
+    )
+    asyncio.run(run_up(options))
 
 
 def demo_model() -> None:
