@@ -14,8 +14,10 @@ from control_plane.principal import Principal
 from lorry.db.models import Organization, Project
 from lorry.errors import Forbidden, InvalidRequest, NotFound
 
-OrgSlugQuery = Annotated[str | None, Query(alias="orgSlug", max_length=100)]
-ProjectSlugQuery = Annotated[str | None, Query(alias="projectSlug", max_length=100)]
+# A slug is plain ASCII: anything else (a NUL byte above all, which PostgreSQL refuses) is a 400.
+SLUG_QUERY_PATTERN = r"^[a-z0-9-]{0,100}$"
+OrgSlugQuery = Annotated[str | None, Query(alias="orgSlug", pattern=SLUG_QUERY_PATTERN)]
+ProjectSlugQuery = Annotated[str | None, Query(alias="projectSlug", pattern=SLUG_QUERY_PATTERN)]
 
 
 @dataclass(frozen=True, slots=True)
