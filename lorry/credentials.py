@@ -73,7 +73,8 @@ def default_cloud_api_url(credentials: Credentials | None = None) -> str:
 
 
 def save_credentials(credentials: Credentials, path: Path | None = None) -> Path:
-    """Atomic write with mode 0600."""
+    """Atomic write with mode 0600, in a directory only the user can read when it is new."""
     target = path or home_credentials_path()
+    target.parent.mkdir(mode=0o700, parents=True, exist_ok=True)
     write_private_json(target, credentials.model_dump(by_alias=True, exclude_none=True))
     return target

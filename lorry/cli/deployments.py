@@ -2,14 +2,22 @@
 
 from __future__ import annotations
 
+from datetime import datetime
+from enum import StrEnum
 from typing import Annotated, Any
 
 import typer
 
-from lorry.cli.output import JsonOption, emit, emit_json, note, secret_line
-from lorry.cli.session import OrgOption, ProjectOption, resolve_scope, run
-from lorry.client import CloudApiClient, CloudApiError, DeploymentScope
-from lorry.client.models import CreatedDeploymentKey, Deployment
+from lorry.cli.output import ExpiresOption, JsonOption, as_utc, emit, emit_json, note, secret_line
+from lorry.cli.session import OrgOption, ProjectOption, ScopeError, is_id, resolve_scope, run
+from lorry.client import CloudApiClient, DeploymentScope
+from lorry.client.models import (
+    AuthMode,
+    CreatedDeploymentKey,
+    Deployment,
+    RetentionMode,
+    RolledDeploymentKey,
+)
 
 deployments_app = typer.Typer(
     no_args_is_help=True, help="Deployments: an adapter or base model at its own URL."
@@ -24,13 +32,33 @@ DeploymentArg = Annotated[str, typer.Argument(help="Deployment id or slug.")]
 DeploymentOption = Annotated[str, typer.Option("--deployment", "-d", help="Deployment id or slug.")]
 
 
+class AuthModeChoice(StrEnum):
+    fixed_api_key = "fixed_api_key"
+    none = "none"
+
+
+class RetentionChoice(StrEnum):
+    unlimited = "unlimited"
+    disabled = "disabled"
+    days = "days"
+
+
+def _auth_mode(choice: AuthModeChoice | None) -> AuthMode | None:
+    return None if choice is None else choice.value
+
+
+def _retention(choice: RetentionChoice | None) -> RetentionMode | None:
+    return None if choice is None else choice.value
+
+
 def find_deployment(client: CloudApiClient, scope: DeploymentScope, ref: str) -> Deployment:
+    """By id (the server answers), or by slug within the scope."""
+    if is_id(ref):
+        return client.get_deployment(ref, scope)
     for deployment in client.list_deployments(scope):
-        if ref in (deployment.id, deployment.slug):
+        if deployment.slug == ref:
             return deployment
-    raise CloudApiError(
-        404, f"No deployment '{ref}' in {scope.org_slug}/{scope.project_slug}", "deployment_not_found"
-    )
+    raise ScopeError(f"no deployment '{ref}' in {scope.org_slug}/{scope.project_slug}")
 
 
 def build_target(job: str | None, step: int | None, base_model: str | None) -> dict[str, Any] | None:
@@ -70,8 +98,10 @@ def create_deployment(
     ] = None,
     step: Annotated[int | None, typer.Option(help="Checkpoint step of --job.")] = None,
     base_model: Annotated[str | None, typer.Option(help="Serve a base model instead of an adapter.")] = None,
-    auth_mode: Annotated[str, typer.Option(help="fixed_api_key or none.")] = "fixed_api_key",
-    retention: Annotated[str | None, typer.Option(help="unlimited, disabled or days.")] = None,
+    auth_mode: Annotated[
+        AuthModeChoice, typer.Option(help="Who may call it.")
+    ] = AuthModeChoice.fixed_api_key,
+    retention: Annotated[RetentionChoice | None, typer.Option(help="Run retention.")] = None,
     retention_days: Annotated[int | None, typer.Option(help="With --retention days.")] = None,
     org: OrgOption = None,
     project: ProjectOption = None,
@@ -85,8 +115,8 @@ def create_deployment(
             resolve_scope(c, org, project),
             slug=slug,
             target=target,
-            auth_mode=auth_mode,
-            run_retention_mode=retention,
+            auth_mode=_auth_mode(auth_mode),
+            run_retention_mode=_retention(retention),
             run_retention_days=retention_days,
         )
     )
@@ -107,8 +137,8 @@ def update_deployment(
     job: Annotated[str | None, typer.Option(help="Re-target to this job's final adapter.")] = None,
     step: Annotated[int | None, typer.Option(help="Checkpoint step of --job.")] = None,
     base_model: Annotated[str | None, typer.Option(help="Re-target to a base model.")] = None,
-    auth_mode: Annotated[str | None, typer.Option(help="fixed_api_key or none.")] = None,
-    retention: Annotated[str | None, typer.Option(help="unlimited, disabled or days.")] = None,
+    auth_mode: Annotated[AuthModeChoice | None, typer.Option(help="Who may call it.")] = None,
+    retention: Annotated[RetentionChoice | None, typer.Option(help="Run retention.")] = None,
     retention_days: Annotated[int | None, typer.Option(help="With --retention days.")] = None,
     org: OrgOption = None,
     project: ProjectOption = None,
@@ -120,8 +150,8 @@ def update_deployment(
         project,
         as_json,
         target=build_target(job, step, base_model),
-        auth_mode=auth_mode,
-        run_retention_mode=retention,
+        auth_mode=_auth_mode(auth_mode),
+        run_retention_mode=_retention(retention),
         run_retention_days=retention_days,
     )
 
@@ -183,13 +213,18 @@ def _show_new_key(key: CreatedDeploymentKey, as_json: bool, extra: dict[str, Any
 def create_key(
     deployment: DeploymentOption,
     label: Annotated[str, typer.Option(help="1-80 characters.")] = "default",
+    expires_at: Annotated[datetime | None, ExpiresOption] = None,
     org: OrgOption = None,
     project: ProjectOption = None,
     as_json: Json = False,
 ) -> None:
+    """Issue a key; its plaintext is printed this once."""
+    expires = as_utc(expires_at)
+
     def action(client: CloudApiClient) -> CreatedDeploymentKey:
         scope = resolve_scope(client, org, project)
-        return client.create_deployment_key(find_deployment(client, scope, deployment).id, scope, label=label)
+        target = find_deployment(client, scope, deployment)
+        return client.create_deployment_key(target.id, scope, label=label, expires_at=expires)
 
     _show_new_key(run(action), as_json)
 
@@ -230,7 +265,7 @@ def roll_key(
     if (key_id is None) == (not all_keys):
         raise typer.BadParameter("give a key id or --all")
 
-    def action(client: CloudApiClient) -> list[Any]:
+    def action(client: CloudApiClient) -> list[RolledDeploymentKey]:
         scope = resolve_scope(client, org, project)
         target = find_deployment(client, scope, deployment)
         ids = (
@@ -240,8 +275,11 @@ def roll_key(
 
     rolled = run(action)
     if as_json:
-        emit_json(rolled)
+        # One key: its roll result; --all: the list (empty when no key was active).
+        emit_json(rolled if all_keys else rolled[0])
         return
+    if not rolled:
+        note("no active keys to roll")
     for result in rolled:
         _show_new_key(result.key, False)
         note(f"previous key {result.previous.id} stops working at {result.previous.expires_at}")

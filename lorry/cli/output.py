@@ -3,7 +3,8 @@
 from __future__ import annotations
 
 import sys
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
+from datetime import UTC, datetime
 from typing import Any
 
 import orjson
@@ -13,6 +14,18 @@ from rich.console import Console
 from rich.table import Table
 
 JsonOption = typer.Option("--json", help="Print JSON alone on stdout.")
+TIME_FORMATS = ["%Y-%m-%d", "%Y-%m-%dT%H:%M:%S", "%Y-%m-%dT%H:%M:%S%z", "%Y-%m-%d %H:%M:%S"]
+ExpiresOption = typer.Option(
+    "--expires-at",
+    formats=TIME_FORMATS,
+    help="When it stops working, e.g. 2030-01-31T12:00:00Z (UTC unless an offset is given).",
+)
+Column = str | tuple[str, Callable[[dict[str, Any]], Any]]
+
+
+def as_utc(value: datetime | None) -> datetime | None:
+    """Times typed on the command line without an offset are UTC."""
+    return value.replace(tzinfo=UTC) if value is not None and value.tzinfo is None else value
 
 
 def _plain(value: Any) -> Any:
@@ -38,8 +51,17 @@ def _cell(value: Any) -> str:
     return str(value)
 
 
-def emit(value: Any, *, as_json: bool, columns: Sequence[str], title: str | None = None) -> None:
-    """A list of models as a table, or one model as a two-column table, or JSON."""
+def _value(row: dict[str, Any], column: Column) -> Any:
+    return row.get(column) if isinstance(column, str) else column[1](row)
+
+
+def _header(column: Column) -> str:
+    return column if isinstance(column, str) else column[0]
+
+
+def emit(value: Any, *, as_json: bool, columns: Sequence[Column], title: str | None = None) -> None:
+    """A list of models as a table, or one model as a two-column table, or JSON (the API's own
+    camelCase shape). A column is a field name or (header, function of the row)."""
     if as_json:
         emit_json(value)
         return
@@ -49,15 +71,15 @@ def emit(value: Any, *, as_json: bool, columns: Sequence[str], title: str | None
     if isinstance(value, list):
         table = Table(title=title)
         for column in columns:
-            table.add_column(column)
+            table.add_column(_header(column))
         for row in data:
-            table.add_row(*(_cell(row.get(column)) for column in columns))
+            table.add_row(*(_cell(_value(row, column)) for column in columns))
     else:
         table = Table(show_header=False, title=title)
         table.add_column("field", style="bold")
         table.add_column("value")
         for column in columns:
-            table.add_row(column, _cell(data[0].get(column)))
+            table.add_row(_header(column), _cell(_value(data[0], column)))
     console.print(table)
 
 

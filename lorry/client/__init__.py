@@ -1,7 +1,8 @@
 """The typed admin-API client."""
 
+from lorry.client.calls import UNSET
 from lorry.client.clients import AsyncCloudApiClient, CloudApiClient
 from lorry.client.errors import CloudApiError
 from lorry.client.models import DeploymentScope
 
-__all__ = ["AsyncCloudApiClient", "CloudApiClient", "CloudApiError", "DeploymentScope"]
+__all__ = ["UNSET", "AsyncCloudApiClient", "CloudApiClient", "CloudApiError", "DeploymentScope"]

@@ -6,9 +6,10 @@ signature, so the sync and async clients cannot drift apart.
 
 from __future__ import annotations
 
+import inspect
 from collections.abc import AsyncIterator, Callable, Coroutine, Iterator
 from pathlib import Path
-from typing import Any, Concatenate, ParamSpec, TypeVar
+from typing import Any, Concatenate, ParamSpec, TypeVar, get_args, get_type_hints
 
 import httpx
 import orjson
@@ -16,7 +17,7 @@ import orjson
 from lorry import __version__
 from lorry.client import calls
 from lorry.client.errors import error_from_response
-from lorry.client.models import DeploymentScope, Job
+from lorry.client.models import AdapterKind, Artifact, DeploymentScope
 from lorry.credentials import Credentials, default_cloud_api_url, ensure_credentials
 
 P = ParamSpec("P")
@@ -49,7 +50,7 @@ class _ClientBase:
 
     @staticmethod
     def _read(call: calls.Call[T], response: httpx.Response) -> T:
-        if response.status_code >= 300:
+        if not response.is_success:
             raise error_from_response(response.status_code, response.content)
         body = orjson.loads(response.content) if response.content else None
         return call.parse(body)
@@ -59,12 +60,29 @@ class _ClientBase:
         return None if call.json is None else orjson.dumps(call.json)
 
 
+def _describe(method: Callable[..., Any], builder: Callable[..., Any], owner: str) -> None:
+    """Give the generated method the builder's name, docs and signature (for help() and IDEs)."""
+    hints = get_type_hints(builder)
+    signature = inspect.signature(builder)
+    parameters = [
+        param.replace(annotation=hints.get(name, param.annotation))
+        for name, param in signature.parameters.items()
+    ]
+    returns = get_args(hints["return"])[0]
+    self_param = inspect.Parameter("self", inspect.Parameter.POSITIONAL_ONLY)
+    method.__name__ = builder.__name__
+    method.__qualname__ = f"{owner}.{builder.__name__}"
+    method.__doc__ = builder.__doc__
+    method.__signature__ = signature.replace(  # type: ignore[attr-defined]
+        parameters=[self_param, *parameters], return_annotation=returns
+    )
+
+
 def _sync(builder: Callable[P, calls.Call[T]]) -> Callable[Concatenate[CloudApiClient, P], T]:
     def method(self: CloudApiClient, /, *args: P.args, **kwargs: P.kwargs) -> T:
         return self.send(builder(*args, **kwargs))
 
-    method.__name__ = builder.__name__
-    method.__doc__ = builder.__doc__
+    _describe(method, builder, "CloudApiClient")
     return method
 
 
@@ -74,8 +92,7 @@ def _async(
     async def method(self: AsyncCloudApiClient, /, *args: P.args, **kwargs: P.kwargs) -> T:
         return await self.send(builder(*args, **kwargs))
 
-    method.__name__ = builder.__name__
-    method.__doc__ = builder.__doc__
+    _describe(method, builder, "AsyncCloudApiClient")
     return method
 
 
@@ -137,11 +154,12 @@ class CloudApiClient(_ClientBase):
         scope: DeploymentScope,
         archive: Path,
         *,
-        kind: str = "final",
+        kind: AdapterKind = "final",
         step: int | None = None,
         on_progress: ProgressCallback | None = None,
-    ) -> Job:
-        """Upload a `.tar.gz` or `.zip` adapter archive as the job's final adapter or a checkpoint."""
+    ) -> Artifact:
+        """Upload a `.tar.gz` or `.zip` of one PEFT LoRA adapter as the job's final adapter or
+        checkpoint `step`; `on_progress(sent, total)` is called as the bytes go out."""
         return self.send(calls.upload_artifact(job_id, scope, archive, kind=kind, step=step), on_progress)
 
     me = _sync(calls.me)
@@ -216,11 +234,12 @@ class AsyncCloudApiClient(_ClientBase):
         scope: DeploymentScope,
         archive: Path,
         *,
-        kind: str = "final",
+        kind: AdapterKind = "final",
         step: int | None = None,
         on_progress: ProgressCallback | None = None,
-    ) -> Job:
-        """Upload a `.tar.gz` or `.zip` adapter archive as the job's final adapter or a checkpoint."""
+    ) -> Artifact:
+        """Upload a `.tar.gz` or `.zip` of one PEFT LoRA adapter as the job's final adapter or
+        checkpoint `step`; `on_progress(sent, total)` is called as the bytes go out."""
         return await self.send(
             calls.upload_artifact(job_id, scope, archive, kind=kind, step=step), on_progress
         )
