@@ -9,8 +9,6 @@ from typing import Annotated
 
 import typer
 
-from lorry.settings import LorrySettings
-
 serve_app = typer.Typer(no_args_is_help=True, help="Run a Lorry server in the foreground.")
 HostOption = Annotated[str, typer.Option(help="Interface to listen on.")]
 
@@ -18,6 +16,7 @@ HostOption = Annotated[str, typer.Option(help="Interface to listen on.")]
 def migrate(revision: Annotated[str, typer.Argument(help="Target revision.")] = "head") -> None:
     """Bring the database at LORRY_DATABASE_URL to the latest schema."""
     from lorry import migrate as migrations
+    from lorry.settings import LorrySettings
 
     migrations.upgrade(LorrySettings().database_url, revision)
     typer.echo(f"database at revision {migrations.head_revision() if revision == 'head' else revision}")
@@ -28,6 +27,7 @@ def serve_control_plane(host: HostOption = "127.0.0.1", port: int = 8081) -> Non
     """The admin API."""
     from control_plane.app import create_app
     from lorry.serving import Listener, serve_all
+    from lorry.settings import LorrySettings
 
     settings = LorrySettings()
     listener = Listener(create_app(settings), host, port, "control-plane")
@@ -38,6 +38,7 @@ def serve_control_plane(host: HostOption = "127.0.0.1", port: int = 8081) -> Non
 def serve_gateway(host: HostOption = "0.0.0.0", port: int = 8080, ops_port: int = 9090) -> None:  # noqa: S104
     """The data plane at <slug>.<LORRY_BASE_DOMAIN>; /healthz, /readyz and /metrics on --ops-port."""
     from gateway.server import serve
+    from lorry.settings import LorrySettings
 
     asyncio.run(serve(LorrySettings(), host=host, port=port, ops_port=ops_port))
 
@@ -48,6 +49,7 @@ def serve_everything(
 ) -> None:
     """Control plane and gateway in one process, sharing change notifications."""
     from lorry.combined import serve_control_plane_and_gateway
+    from lorry.settings import LorrySettings
 
     asyncio.run(
         serve_control_plane_and_gateway(
@@ -85,6 +87,7 @@ def up(
 def demo_model() -> None:
     """Write the tiny random Llama and its demo adapters (building the engine environment first)."""
     from lorry import engine_env
+    from lorry.settings import LorrySettings
 
     cache_dir = LorrySettings().cache_dir
     try:
