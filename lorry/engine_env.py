@@ -262,6 +262,7 @@ def build_demo_model(cache_dir: Path) -> Path:
     """
     out = demo_model_dir(cache_dir)
     if (out / "manifest.json").is_file():
+        _publish_base_config(cache_dir, out)
         return out
     if not is_ready(cache_dir):
         raise EngineEnvError(f"the engine environment is not built: {env_dir(cache_dir)}")
@@ -273,7 +274,21 @@ def build_demo_model(cache_dir: Path) -> Path:
     )
     if completed.returncode != 0 or not (out / "manifest.json").is_file():
         raise EngineEnvError(f"demo model build failed (exit {completed.returncode})")
+    _publish_base_config(cache_dir, out)
     return out
+
+
+def _publish_base_config(cache_dir: Path, demo_dir: Path) -> None:
+    """Let the control plane check adapter shapes against the demo model: it looks for a base
+    model's config at ``<cache>/models/<id with / as -->/config.json``."""
+    manifest = json.loads((demo_dir / "manifest.json").read_text())
+    target = Path(cache_dir) / "models" / str(manifest["model_id"]).replace("/", "--") / "config.json"
+    source = demo_dir / str(manifest["base"]) / "config.json"
+    if not target.is_file() or target.read_bytes() != source.read_bytes():
+        target.parent.mkdir(parents=True, exist_ok=True)
+        tmp = target.with_suffix(".tmp")
+        shutil.copyfile(source, tmp)
+        tmp.replace(target)
 
 
 def _parse(argv: Sequence[str] | None) -> argparse.Namespace:
