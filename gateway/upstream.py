@@ -1,0 +1,197 @@
+"""Talking to one engine: a request with phase timeouts, and the streaming relay (DESIGN §7).
+
+Timeouts (settings, DESIGN §12): *connect* (httpx), *first byte* (response headers and, for a
+stream, its first event), *idle* (between two reads), *total* (the whole exchange).
+
+The relay sends each event as soon as it is read: no buffering, no compression,
+``Cache-Control: no-cache`` and ``X-Accel-Buffering: no`` so proxies do not hold it either. A
+failure after the first byte ends the stream with an error event, never a silent ``[DONE]``.
+Closing the upstream response (on any exit, client disconnect included) closes the engine's
+connection, which makes vLLM abort the generation.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import time
+from collections.abc import AsyncIterator, Awaitable, Callable
+from dataclasses import dataclass, field
+
+import httpx
+
+from gateway.engines import EngineState, UpstreamTimeouts
+from gateway.errors import GatewayError, UpstreamError, UpstreamTimeout, UpstreamUnavailable, sse_error_event
+from gateway.responses import SSEBuffer, StreamProtocolError, StreamRewriter
+
+SSE_HEADERS = {
+    "content-type": "text/event-stream; charset=utf-8",
+    "cache-control": "no-cache",
+    "x-accel-buffering": "no",
+}
+
+
+class Deadline:
+    """The phase timeouts of one exchange, measured from its start."""
+
+    def __init__(self, timeouts: UpstreamTimeouts) -> None:
+        self.timeouts = timeouts
+        self.started = time.monotonic()
+
+    def remaining(self) -> float:
+        return self.timeouts.total_s - (time.monotonic() - self.started)
+
+    def first_byte(self) -> float:
+        return max(0.0, min(self.timeouts.first_byte_s - (time.monotonic() - self.started), self.remaining()))
+
+    def idle(self) -> float:
+        return max(0.0, min(self.timeouts.idle_s, self.remaining()))
+
+
+async def send_request(
+    state: EngineState, path: str, body: bytes, request_id: str, deadline: Deadline
+) -> httpx.Response:
+    """Headers of the engine's answer (body not read). Raises GatewayError subclasses."""
+    request = state.client.build_request(
+        "POST",
+        path,
+        content=body,
+        headers={"content-type": "application/json", "x-request-id": request_id},
+    )
+    try:
+        async with asyncio.timeout(deadline.first_byte()):
+            return await state.client.send(request, stream=True)
+    except TimeoutError:
+        raise UpstreamTimeout() from None
+    except httpx.TimeoutException as exc:  # connect timeout
+        raise UpstreamUnavailable() from exc
+    except httpx.TransportError as exc:
+        raise UpstreamUnavailable() from exc
+
+
+async def read_chunk(chunks: AsyncIterator[bytes], timeout_s: float) -> bytes | None:
+    """The next chunk, None at the end; UpstreamTimeout / UpstreamError on failure."""
+    try:
+        async with asyncio.timeout(timeout_s):
+            return await anext(chunks)
+    except StopAsyncIteration:
+        return None
+    except TimeoutError:
+        raise UpstreamTimeout() from None
+    except httpx.HTTPError as exc:
+        raise UpstreamError("The inference engine connection failed") from exc
+
+
+async def read_body(response: httpx.Response, deadline: Deadline, *, limit: int, first: bool = True) -> bytes:
+    """A whole (non-streaming) body under the phase timeouts and a size limit."""
+    chunks = response.aiter_raw()
+    parts: list[bytes] = []
+    size = 0
+    while True:
+        chunk = await read_chunk(chunks, deadline.first_byte() if first and not parts else deadline.idle())
+        if chunk is None:
+            return b"".join(parts)
+        size += len(chunk)
+        if size > limit:
+            raise UpstreamError("The inference engine's answer is too large")
+        parts.append(chunk)
+
+
+@dataclass
+class StreamStats:
+    first_content_at: float | None = None
+    error_code: str | None = None
+    completed: bool = False
+    events: int = 0
+
+
+@dataclass(eq=False)
+class OpenStream:
+    """A stream whose first event(s) are already read: committing to it sends them at once."""
+
+    state: EngineState
+    response: httpx.Response
+    chunks: AsyncIterator[bytes]
+    rewriter: StreamRewriter
+    buffer: SSEBuffer
+    deadline: Deadline
+    pending: list[bytes]
+    stats: StreamStats = field(default_factory=StreamStats)
+    done: bool = False
+
+    @classmethod
+    async def open(
+        cls,
+        state: EngineState,
+        response: httpx.Response,
+        rewriter: StreamRewriter,
+        deadline: Deadline,
+        *,
+        max_event_bytes: int,
+    ) -> OpenStream:
+        """Reads until the first relayable event; raises GatewayError (retryable before any byte)."""
+        stream = cls(
+            state=state,
+            response=response,
+            chunks=response.aiter_raw(),
+            rewriter=rewriter,
+            buffer=SSEBuffer(max_event_bytes),
+            deadline=deadline,
+            pending=[],
+        )
+        while not stream.pending and not stream.done:
+            chunk = await read_chunk(stream.chunks, deadline.first_byte())
+            if chunk is None:
+                raise UpstreamError("The inference engine closed the stream before any event")
+            try:
+                stream.pending.extend(stream._rewrite(chunk))
+            except StreamProtocolError as exc:
+                raise UpstreamError(str(exc)) from None
+        return stream
+
+    def _rewrite(self, chunk: bytes) -> list[bytes]:
+        out = []
+        for raw in self.buffer.feed(chunk):
+            result = self.rewriter.event(raw)
+            self.stats.events += 1
+            if result.content and self.stats.first_content_at is None:
+                self.stats.first_content_at = time.monotonic()
+            if result.data is not None:
+                out.append(result.data)
+            if result.error:
+                self.stats.error_code = "upstream_error"
+                self.done = True
+                break
+            if result.done:
+                self.stats.completed = True
+                self.done = True
+                break
+        return out
+
+    async def relay(self, send: Callable[[bytes], Awaitable[None]]) -> None:
+        """Sends everything to the client; ends with an error event on any failure."""
+        for data in self.pending:
+            await send(data)
+        self.pending = []
+        error: GatewayError | None = None
+        try:
+            while not self.done:
+                chunk = await read_chunk(self.chunks, self.deadline.idle())
+                if chunk is None:
+                    error = UpstreamError("The inference engine ended the stream unexpectedly")
+                    break
+                try:
+                    for data in self._rewrite(chunk):
+                        await send(data)
+                except StreamProtocolError as exc:
+                    error = UpstreamError(str(exc))
+                    break
+        except GatewayError as exc:
+            error = exc
+        if error is not None:
+            self.stats.error_code = error.code
+            await send(sse_error_event(error))
+
+    async def aclose(self) -> None:
+        with contextlib.suppress(Exception):
+            await self.response.aclose()

@@ -1,0 +1,1 @@
+"""Data-plane (gateway) tests."""
