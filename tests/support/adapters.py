@@ -381,7 +381,9 @@ the adapter; ``missing_config`` is its 404). Lorry needs the base model's config
 
 
 def _pickle_weights(directory: Path, filename: str) -> None:
-    """Pickled weights only (a ``torch.save``-style pickle; never loaded by Lorry)."""
+    """Pickled weights only: a plain ``pickle`` of lists, never opened by Lorry. Not ``torch.save``'s
+    format, so vLLM's ``torch.load(weights_only=True)`` would refuse this file; a real ``torch.save``
+    file is served by vLLM (tests/test_adapter_vllm_agreement.py)."""
     write_adapter(directory)
     weights = directory / "adapter_model.safetensors"
     from safetensors.numpy import load_file
