@@ -50,6 +50,8 @@ async def _http_error(_request: Request, exc: Exception) -> Response:
     assert isinstance(exc, StarletteHTTPException)
     if isinstance(exc.__cause__, LorryError):  # FastAPI wraps errors raised while reading the body
         return render(exc.__cause__)
+    if exc.status_code == 400:  # FastAPI's "error parsing the body", e.g. a JSON body that is not UTF-8
+        return render(InvalidRequest(str(exc.detail)))
     error_type = _STATUS_ERRORS.get(exc.status_code)
     error = error_type() if error_type else LorryError(str(exc.detail))
     if error_type is None:
