@@ -5,12 +5,24 @@ from __future__ import annotations
 from datetime import datetime
 from typing import Annotated
 
-from pydantic import BaseModel, ConfigDict, PlainSerializer
+from pydantic import AfterValidator, BaseModel, ConfigDict, PlainSerializer, StrictStr
 from pydantic.alias_generators import to_camel
+from pydantic_core import PydanticCustomError
 
 from lorry.db.types import isoformat
 
 Timestamp = Annotated[datetime, PlainSerializer(isoformat, return_type=str)]
+
+
+def plain_text(value: str) -> str:
+    """No control characters or lone surrogates: neither belongs in a name, PostgreSQL rejects NUL,
+    and no driver can encode a lone surrogate."""
+    if any(ord(char) < 32 or ord(char) == 127 or 0xD800 <= ord(char) <= 0xDFFF for char in value):
+        raise PydanticCustomError("control_characters", "must not contain control characters")
+    return value
+
+
+PlainText = Annotated[StrictStr, AfterValidator(plain_text)]
 
 
 class ResponseModel(BaseModel):

@@ -165,6 +165,16 @@ async def _wait_ready(url: str, path: str, timeout_s: float) -> None:
             await asyncio.sleep(0.2)
 
 
+async def _key_usable(client: AsyncCloudApiClient, deployment_id: str, plaintext: str) -> bool:
+    """Whether the saved key is still one of the deployment's working keys (the user may have
+    revoked it with the CLI since the last start)."""
+    parsed = keys.parse(plaintext)
+    if parsed is None:
+        return False
+    listed = await client.list_deployment_keys(deployment_id, SCOPE)
+    return any(key.prefix == parsed.prefix and key.enabled for key in listed)
+
+
 async def ensure_demo(
     client: AsyncCloudApiClient, secrets: dict[str, Any], plan: EnginePlan, state_dir: Path
 ) -> str:
@@ -187,6 +197,9 @@ async def ensure_demo(
                 target = {"kind": "base_model", "baseModel": plan.model_id}
             deployment = await client.create_deployment(SCOPE, slug=DEMO_SLUG, target=target)
         secrets.pop("demoKey", None)
+    if "demoKey" in secrets and not await _key_usable(client, deployment.id, str(secrets["demoKey"])):
+        progress("the saved demo key was revoked or has expired: creating a new one")
+        secrets.pop("demoKey")
     if "demoKey" not in secrets:
         key = await client.create_deployment_key(deployment.id, SCOPE, label="lorry up demo")
         secrets["demoKey"] = key.plaintext

@@ -135,7 +135,7 @@ async def test_crud_shapes_and_statuses(admin: httpx.AsyncClient, settings: Lorr
     assert deleted.content == b""
     gone = await admin.get(f"/v1/engines/{engine['id']}")
     assert gone.status_code == 404
-    assert gone.json() == {"error": f"Engine '{engine['id']}' not found", "code": "engine_not_found"}
+    assert gone.json() == {"error": "Engine not found", "code": "engine_not_found"}
     assert (await admin.delete(f"/v1/engines/{engine['id']}")).status_code == 404
     assert (await admin.get("/v1/engines")).json() == {"engines": []}
 
@@ -349,7 +349,7 @@ async def test_unknown_or_malformed_id_is_404(
         kwargs: dict[str, Any] = {"json": {"enabled": False}} if method == "PATCH" else {}
         response = await admin.request(method, f"/v1/engines/{engine_id}", **kwargs)
         assert response.status_code == 404, (method, response.text)
-        assert response.json() == {"error": f"Engine '{engine_id}' not found", "code": "engine_not_found"}
+        assert response.json() == {"error": "Engine not found", "code": "engine_not_found"}
     assert await rows.snapshot() == before
 
 

@@ -4,9 +4,9 @@ from __future__ import annotations
 
 from typing import Annotated, Any, Literal
 
-from pydantic import AfterValidator, AwareDatetime, BeforeValidator, Field, StrictInt, StrictStr
+from pydantic import AfterValidator, AwareDatetime, BeforeValidator, Field, StrictInt
 
-from control_plane.schemas import RequestModel, ResponseModel, Timestamp
+from control_plane.schemas import PlainText, RequestModel, ResponseModel, Timestamp
 
 LABEL_MAX = 80
 MAX_GRACE_S = 604_800
@@ -27,14 +27,14 @@ def _iso_string(value: Any) -> Any:
     return value
 
 
-Label = Annotated[StrictStr, AfterValidator(_label)]
+Label = Annotated[PlainText, AfterValidator(_label)]
 IsoDatetime = Annotated[AwareDatetime, BeforeValidator(_iso_string)]
 
 
 class CreateAdminTokenRequest(RequestModel):
     label: Label
     kind: Literal["install", "org"]
-    org_slug: StrictStr | None = None
+    org_slug: PlainText | None = None
     expires_at: IsoDatetime | None = None
 
 

@@ -27,7 +27,7 @@ from control_plane.scope import resolve_org
 from lorry import keys
 from lorry.changefeed import ChangeKind, append_change
 from lorry.db.models import AdminToken, Organization
-from lorry.db.types import isoformat, utcnow
+from lorry.db.types import is_id, isoformat, utcnow
 from lorry.errors import Conflict, Forbidden, InvalidRequest, NotFound
 
 
@@ -140,6 +140,8 @@ async def create_token(
 
 
 async def _load(session: AsyncSession, principal: Principal, token_id: str, *, lock: bool) -> AdminToken:
+    if not is_id(token_id):
+        raise NotFound("Admin token not found", code="token_not_found")
     query = select(AdminToken).where(AdminToken.id == token_id, _visible(principal))
     if lock:
         query = query.with_for_update()

@@ -20,8 +20,10 @@ async def list_audit_events(
     session: SessionDep,
     principal: PrincipalDep,
     org_slug: OrgSlugQuery = None,
-    action: Annotated[str | None, Query(max_length=60)] = None,
-    since: Annotated[str | None, Query(max_length=64, description="ISO 8601 datetime")] = None,
+    action: Annotated[str | None, Query(pattern=r"^[a-z0-9_.]{1,60}$")] = None,
+    since: Annotated[
+        str | None, Query(pattern=r"^[0-9A-Za-z:.+ -]{1,64}$", description="ISO 8601 datetime")
+    ] = None,
     limit: Annotated[int, Query(ge=1, le=MAX_LIMIT)] = DEFAULT_LIMIT,
 ) -> AuditEventListResponse:
     """Audit events, newest first."""

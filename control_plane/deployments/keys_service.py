@@ -20,12 +20,11 @@ from control_plane.deployments.schemas import (
     PreviousKey,
     RolledKeyResponse,
 )
-from control_plane.deployments.service import is_id
 from control_plane.principal import Principal
 from lorry import keys
 from lorry.changefeed import ChangeKind, append_change
 from lorry.db.models import Deployment, DeploymentKey
-from lorry.db.types import isoformat, utcnow
+from lorry.db.types import is_id, isoformat, utcnow
 from lorry.errors import Conflict, InvalidRequest, NotFound
 
 RESOURCE = "deployment_key"

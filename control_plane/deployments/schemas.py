@@ -19,7 +19,7 @@ from pydantic.json_schema import SkipJsonSchema
 from pydantic_core import PydanticCustomError
 
 from control_plane.deployments.slugs import MAX_LEN, MIN_LEN, PATTERN
-from control_plane.schemas import RequestModel, ResponseModel, Timestamp
+from control_plane.schemas import RequestModel, ResponseModel, Timestamp, plain_text
 
 AuthMode = Literal["fixed_api_key", "none"]
 RetentionMode = Literal["unlimited", "disabled", "days"]
@@ -63,13 +63,6 @@ class AdapterTarget(_TargetPart):
     adapter: AdapterRef
 
 
-def _plain_text(value: str) -> str:
-    """No control characters or lone surrogates: neither belongs in a name, and PostgreSQL rejects NUL."""
-    if any(ord(char) < 32 or ord(char) == 127 or 0xD800 <= ord(char) <= 0xDFFF for char in value):
-        raise PydanticCustomError("control_characters", "must not contain control characters")
-    return value
-
-
 def _not_blank(value: str) -> str:
     if not value.strip():
         raise PydanticCustomError("blank", "must not be blank")
@@ -81,7 +74,7 @@ class BaseModelTarget(_TargetPart):
     base_model: Annotated[
         StrictStr,
         Field(min_length=1, max_length=300),
-        AfterValidator(_plain_text),
+        AfterValidator(plain_text),
         AfterValidator(_not_blank),
     ]
 
@@ -178,7 +171,7 @@ def _iso_string(value: Any) -> Any:
     return value
 
 
-Label = Annotated[StrictStr, AfterValidator(_plain_text), AfterValidator(_label)]
+Label = Annotated[StrictStr, AfterValidator(plain_text), AfterValidator(_label)]
 IsoDatetime = Annotated[AwareDatetime, BeforeValidator(_iso_string)]
 
 

@@ -6,7 +6,6 @@ waits on another one (a slug being inserted concurrently) never holds the change
 
 from __future__ import annotations
 
-import re
 from collections.abc import Sequence
 from dataclasses import dataclass
 from datetime import datetime
@@ -31,17 +30,11 @@ from control_plane.engines.catalog import EngineSpec, all_engines, can_serve
 from control_plane.scope import ProjectScope
 from lorry.changefeed import ChangeKind, append_change
 from lorry.db.models import Adapter, Deployment, DeploymentKey, Job
-from lorry.db.types import utcnow
+from lorry.db.types import is_id, utcnow
 from lorry.errors import Conflict, InvalidRequest, NotFound
 from lorry.settings import LorrySettings
 
 RESOURCE = "deployment"
-_ID = re.compile(r"[0-9a-f]{8}-[0-9a-f]{4}-[0-9a-f]{4}-[0-9a-f]{4}-[0-9a-f]{12}")
-
-
-def is_id(value: str) -> bool:
-    """Ids are canonical UUID strings; anything else cannot name a row (and is never sent to SQL)."""
-    return _ID.fullmatch(value) is not None
 
 
 def deployment_not_found() -> NotFound:

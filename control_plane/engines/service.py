@@ -20,7 +20,7 @@ from control_plane.engines.schemas import EngineCreate, EngineOut, EngineUpdate
 from control_plane.principal import Principal
 from lorry.changefeed import ChangeKind, append_change
 from lorry.db.models import Engine
-from lorry.db.types import utcnow
+from lorry.db.types import is_id, utcnow
 from lorry.errors import Conflict, InvalidRequest, NotFound
 from lorry.settings import LorrySettings
 
@@ -53,7 +53,7 @@ _CAMEL = {
 
 
 def _not_found(engine_id: str) -> NotFound:
-    return NotFound(f"Engine '{engine_id}' not found", code="engine_not_found")
+    return NotFound("Engine not found", code="engine_not_found")
 
 
 def _name_taken(name: str) -> Conflict:
@@ -113,8 +113,7 @@ def _find_static(settings: LorrySettings, engine_id: str) -> EngineSpec | None:
 
 
 async def _find_row(session: AsyncSession, engine_id: str) -> Engine | None:
-    # Ids are opaque strings (no UUID cast), so a malformed id is simply not found.
-    if not engine_id or len(engine_id) > 36 or engine_id.startswith(STATIC_ID_PREFIX):
+    if not is_id(engine_id):  # a malformed id (a NUL byte included) never reaches SQL
         return None
     return (await session.execute(select(Engine).where(Engine.id == engine_id))).scalar_one_or_none()
 

@@ -10,7 +10,6 @@ transaction. A rejection at any step leaves no row and no file: the work area is
 from __future__ import annotations
 
 import logging
-import uuid
 from collections.abc import AsyncIterable, AsyncIterator, Callable
 from contextlib import asynccontextmanager
 from dataclasses import dataclass
@@ -40,7 +39,7 @@ from control_plane.jobs.validation import (
 from control_plane.principal import Principal
 from lorry.changefeed import ChangeKind, append_change
 from lorry.db.models import Adapter, Deployment, Job
-from lorry.db.types import utcnow
+from lorry.db.types import is_id, utcnow
 from lorry.errors import Conflict, InvalidRequest, NotFound
 from lorry.settings import LorrySettings
 
@@ -73,19 +72,12 @@ async def work_area(store: AdapterStore) -> AsyncIterator[Path]:
 
 
 def job_not_found(job_id: str) -> NotFound:
-    return NotFound(f"Job '{job_id[:64]}' not found", code="job_not_found")
-
-
-def _is_uuid(value: str) -> bool:
-    try:
-        return str(uuid.UUID(value)) == value.lower() and len(value) == 36
-    except ValueError:
-        return False
+    return NotFound("Job not found", code="job_not_found")
 
 
 async def get_job(session: AsyncSession, project_id: str, job_id: str) -> Job:
     """The job in this project; a malformed id is 404 like an unknown one."""
-    if not _is_uuid(job_id):
+    if not is_id(job_id):
         raise job_not_found(job_id)
     job = (
         await session.execute(select(Job).where(Job.id == job_id.lower(), Job.project_id == project_id))

@@ -7,7 +7,7 @@ from typing import Annotated
 
 from pydantic import AfterValidator, StrictStr
 
-from control_plane.schemas import RequestModel, ResponseModel
+from control_plane.schemas import PlainText, RequestModel, ResponseModel
 
 SLUG_PATTERN = re.compile(r"^[a-z0-9][a-z0-9-]*[a-z0-9]$")
 SLUG_MIN, SLUG_MAX = 2, 50
@@ -31,7 +31,7 @@ def _name(value: str) -> str:
 # The slug's rules are checked by the service so that a bad slug is 400 `invalid_slug`, not the
 # generic `invalid_request` (the body size limit bounds what is parsed).
 SlugField = StrictStr
-NameField = Annotated[StrictStr, AfterValidator(_name)]
+NameField = Annotated[PlainText, AfterValidator(_name)]
 
 
 class CreateOrgRequest(RequestModel):
