@@ -24,7 +24,9 @@ BASE_DOMAIN = "lorry.test"
 
 
 @pytest.fixture(scope="session")
-def db_templates(tmp_path_factory: pytest.TempPathFactory) -> Iterator[dict[str, PostgresTemplate | SqliteTemplate]]:
+def db_templates(
+    tmp_path_factory: pytest.TempPathFactory,
+) -> Iterator[dict[str, PostgresTemplate | SqliteTemplate]]:
     with templates(tmp_path_factory.mktemp("sqlite")) as made:
         yield made
 
@@ -75,7 +77,9 @@ def sessionmaker(ctx: AppContext) -> async_sessionmaker[AsyncSession]:
     return ctx.sessionmaker
 
 
-def client_for(app: FastAPI, token: str | None = None, *, base_url: str = "http://admin.lorry.test") -> httpx.AsyncClient:
+def client_for(
+    app: FastAPI, token: str | None = None, *, base_url: str = "http://admin.lorry.test"
+) -> httpx.AsyncClient:
     headers = {"authorization": f"Bearer {token}"} if token else {}
     return httpx.AsyncClient(transport=httpx.ASGITransport(app=app), base_url=base_url, headers=headers)
 

@@ -5,7 +5,9 @@ import httpx
 from tests.conftest import RowCounter
 
 
-async def test_bootstrap_and_operations(admin: httpx.AsyncClient, anonymous: httpx.AsyncClient, rows: RowCounter) -> None:
+async def test_bootstrap_and_operations(
+    admin: httpx.AsyncClient, anonymous: httpx.AsyncClient, rows: RowCounter
+) -> None:
     assert (await anonymous.get("/healthz")).json() == {"status": "ok"}
     ready = await anonymous.get("/readyz")
     assert ready.status_code == 200, ready.text
