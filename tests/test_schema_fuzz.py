@@ -32,7 +32,7 @@ import pytest
 import schemathesis
 from fastapi import FastAPI
 from fastapi.responses import PlainTextResponse, Response
-from hypothesis import HealthCheck, Phase, given, settings
+from hypothesis import HealthCheck, Phase, given, seed, settings
 from hypothesis import strategies as st
 from schemathesis.checks import not_a_server_error
 from schemathesis.core.result import Ok
@@ -302,7 +302,9 @@ def fuzz_operation(
     on_call: Callable[[Case, schemathesis.Response], None],
     *,
     max_examples: int = MAX_EXAMPLES,
+    fixed_seed: int | None = None,
 ) -> None:
+    """Fuzz one operation; ``fixed_seed`` replaces the derandomized seed with another fixed one."""
     key = (operation.method.upper(), operation.path)
     params = {parameter.name for parameter in operation.iter_parameters()}
     path_params = sorted(parameter.name for parameter in operation.path_parameters)
@@ -318,7 +320,7 @@ def fuzz_operation(
 
     @settings(
         max_examples=max_examples * (1 if invalid is None else 2),
-        derandomize=True,
+        derandomize=fixed_seed is None,
         database=None,
         deadline=None,
         phases=[Phase.explicit, Phase.generate],
@@ -337,7 +339,8 @@ def fuzz_operation(
                 case.path_parameters = {**(case.path_parameters or {}), name: real}
         if positive and bool(fields) and data.draw(st.integers(0, 3), label="aim") < 3:
             aim(case.body, fields, data)
-        if uploads and data.draw(st.integers(0, 2), label="real archive") == 2:
+        # Most uploads carry the real archive, so success does not hinge on a rare draw.
+        if uploads and data.draw(st.integers(0, 2), label="real archive") >= 1:
             case.body = targets.archive
             case.media_type = GZIP
             step = data.draw(st.integers(1, 10**6), label="checkpoint step")
@@ -352,6 +355,8 @@ def fuzz_operation(
         on_call(case, response)
         case.validate_response(response, checks=CHECKS, headers=AUTH)
 
+    if fixed_seed is not None:
+        fuzz = seed(fixed_seed)(fuzz)
     fuzz()
 
 
@@ -378,6 +383,17 @@ def test_every_operation_survives_fuzzing_and_answers_as_its_schema_says(
             fuzz_operation(operation, targets, on_call)
         except (Exception, BaseExceptionGroup) as exc:  # every operation's failures, reported together
             failures.append(f"{operation.label}:\n{describe(exc)}")
+
+    # Success on a random draw can hinge on one rare branch; an operation that never succeeded is
+    # fuzzed again with other fixed seeds before the check below decides.
+    for extra_seed in (1, 2, 3):
+        missing = {key for key in fuzzed if not any(o[0] == "2" for o in outcomes[key])}
+        for operation in operations:
+            if (operation.method.upper(), operation.path) in missing:
+                try:
+                    fuzz_operation(operation, targets, on_call, fixed_seed=extra_seed)
+                except (Exception, BaseExceptionGroup) as exc:
+                    failures.append(f"{operation.label} (seed {extra_seed}):\n{describe(exc)}")
 
     elapsed = time.monotonic() - started
     print(f"\nfuzzed {len(fuzzed)} operations in {elapsed:.0f}s")
