@@ -8,11 +8,12 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import ctypes
 import logging
 import os
 import signal
 import socket
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from pathlib import Path
 from typing import IO
 
@@ -21,6 +22,7 @@ import httpx
 logger = logging.getLogger("lorry.local_engine")
 
 RESTART_BACKOFF_S = (1.0, 2.0, 5.0, 10.0, 30.0)
+PR_SET_PDEATHSIG = 1
 
 
 def engine_command(
@@ -86,6 +88,18 @@ def engine_environ(cpu_core: int | None = None, extra_env: Mapping[str, str] | N
     return env
 
 
+def _die_with_parent_hook() -> Callable[[], None] | None:
+    """A pre-exec hook: if `lorry up` is killed outright, the kernel sends the engine SIGTERM.
+
+    libc is loaded here, in the parent: loading a library between fork and exec can deadlock.
+    """
+    try:
+        prctl = ctypes.CDLL(None, use_errno=True).prctl
+    except (OSError, AttributeError):
+        return None
+    return lambda: prctl(PR_SET_PDEATHSIG, int(signal.SIGTERM))
+
+
 def free_port(host: str = "127.0.0.1") -> int:
     with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
         sock.bind((host, 0))
@@ -126,6 +140,7 @@ class SupervisedEngine:
             stdout=self._log,
             stderr=asyncio.subprocess.STDOUT,
             start_new_session=True,  # its own process group: stop() reaches the workers too
+            preexec_fn=_die_with_parent_hook(),
         )
 
     async def _watch(self) -> None:
