@@ -24,6 +24,7 @@ import json
 import os
 import queue
 import re
+import shutil
 import signal
 import socket
 import stat
@@ -135,7 +136,9 @@ def read_five_lines(up: UpProcess) -> Printed:
     return Printed(admin_api, admin_token, base_url, key, curl[:-1])
 
 
-def start_up(directory: Path, env: dict[str, str], ports: dict[str, int], run: int) -> UpProcess:
+def start_up(
+    directory: Path, env: dict[str, str], ports: dict[str, int], run: int, extra_args: tuple[str, ...] = ()
+) -> UpProcess:
     stderr_path = directory.parent / f"lorry-up-{run}.stderr"
     with stderr_path.open("w") as stderr:
         process = subprocess.Popen(
@@ -148,6 +151,7 @@ def start_up(directory: Path, env: dict[str, str], ports: dict[str, int], run: i
                 str(ports["admin"]),
                 "--ops-port",
                 str(ports["ops"]),
+                *extra_args,
             ],
             cwd=directory,
             env=env,
@@ -452,3 +456,66 @@ async def test_demo_state_is_reused_and_a_revoked_key_replaced(control_plane: An
         assert [d.id for d in await client.list_deployments(SCOPE)] == [deployment.id]
         listed = await client.list_deployment_keys(deployment.id, SCOPE)
         assert sorted(k.enabled for k in listed) == [False, True]
+
+
+@pytest.mark.vllm
+def test_lorry_up_with_engine_url_serves_the_running_engine_and_leaves_it_running(
+    vllm_engine: Any, engine_cache_dir: Path, tmp_path: Path
+) -> None:
+    """`--engine-url`: no engine is started; `demo` serves the running engine's base model."""
+    directory = tmp_path / "project"
+    home = tmp_path / "home"
+    directory.mkdir()
+    home.mkdir()
+    env = {
+        "PATH": os.environ.get("PATH", "/usr/bin:/bin"),
+        "LANG": "C.UTF-8",
+        "HOME": str(home),
+        "LORRY_CACHE_DIR": str(engine_cache_dir),
+    }
+    ports = {"data": free_port(), "admin": free_port(), "ops": free_port()}
+    up = start_up(directory, env, ports, 1, ("--engine-url", vllm_engine.url))
+    try:
+        printed = read_five_lines(up)
+        check_printed(printed, ports)
+        check_serving(printed)
+        assert descendants(up.process.pid) == set(), "no engine process may be started with --engine-url"
+        up.process.send_signal(signal.SIGINT)
+        assert up.process.wait(timeout=15) == 0
+    finally:
+        kill_leftovers(up)
+    assert all(bindable(port) for port in ports.values())
+    assert vllm_engine.healthy(), "lorry up must leave an engine it did not start running"
+
+
+@pytest.mark.vllm
+def test_lorry_up_with_model_serves_a_local_model_directory(
+    demo_model_dir: Path, engine_cache_dir: Path, tmp_path: Path
+) -> None:
+    """`--model DIR`: a supervised engine serves that directory; `demo` is a base-model deployment."""
+    directory = tmp_path / "project"
+    home = tmp_path / "home"
+    directory.mkdir()
+    home.mkdir()
+    model = tmp_path / "my-model"
+    shutil.copytree(demo_model_dir / "base", model)
+    env = {
+        "PATH": os.environ.get("PATH", "/usr/bin:/bin"),
+        "LANG": "C.UTF-8",
+        "HOME": str(home),
+        "LORRY_CACHE_DIR": str(engine_cache_dir),
+        "VLLM_CPU_OMP_THREADS_BIND": str(LORRY_UP_CORE),
+    }
+    cli_env = {key: value for key, value in env.items() if not key.startswith(("LORRY_", "VLLM_"))}
+    ports = {"data": free_port(), "admin": free_port(), "ops": free_port()}
+    with engine_slot("lorry-up-model", cpu_core=LORRY_UP_CORE):
+        up = start_up(directory, env, ports, 3, ("--model", str(model)))
+        try:
+            printed = read_five_lines(up)
+            check_printed(printed, ports)
+            check_serving(printed)
+            deployment = lorry_cli(directory, cli_env, "deployments", "get", "demo")
+            assert deployment["target"] == {"kind": "base_model", "baseModel": "my-model"}, deployment
+            stop_with_sigint(up, directory, ports, 3)
+        finally:
+            kill_leftovers(up)
