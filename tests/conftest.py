@@ -15,8 +15,12 @@ from control_plane.context import AppContext
 from lorry import keys
 from lorry.settings import LorrySettings
 from tests.support.databases import PostgresTemplate, SqliteTemplate, row_counts, templates
+from tests.support.log_leaks import no_plaintext_key_in_logs as _no_plaintext_key_in_logs
 
 pytest_plugins = ["tests.fixtures_engine"]
+
+# Autouse for the whole session: every log record and *.log file is searched for plaintext keys.
+no_plaintext_key_in_logs = pytest.fixture(scope="session", autouse=True)(_no_plaintext_key_in_logs)
 
 BACKENDS = ["sqlite", "postgres"]
 ADMIN_TOKEN = keys.issue(keys.TokenKind.ADMIN_TOKEN).plaintext
