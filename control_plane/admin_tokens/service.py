@@ -8,7 +8,7 @@ one, so an org token learns nothing about other orgs' tokens or about install to
 from __future__ import annotations
 
 import asyncio
-from datetime import datetime, timedelta
+from datetime import datetime
 
 from sqlalchemy import ColumnElement, and_, event, select, true
 from sqlalchemy.ext.asyncio import AsyncSession
@@ -22,6 +22,7 @@ from control_plane.admin_tokens.schemas import (
     PreviousToken,
     RolledAdminTokenResponse,
 )
+from control_plane.credential_roll import end_with_grace
 from control_plane.principal import INSTALL, ORG, AdminTokenVerifier, Principal
 from control_plane.scope import resolve_org
 from lorry import keys
@@ -222,13 +223,7 @@ async def roll_token(
     now = utcnow()
     if not is_active(old, now):
         raise Conflict("A revoked or expired token cannot be rolled", code="token_inactive")
-    original_expiry = old.expires_at
-    ends_at = now + timedelta(seconds=grace_period_seconds)
-    if grace_period_seconds == 0:
-        old.revoked_at = now
-        old.expires_at = now
-    elif original_expiry is None or ends_at < original_expiry:
-        old.expires_at = ends_at
+    original_expiry = end_with_grace(old, now, grace_period_seconds)
     issued = await asyncio.to_thread(keys.issue, keys.TokenKind.ADMIN_TOKEN)  # argon2: off the loop
     new = AdminToken(
         kind=old.kind,

@@ -7,12 +7,13 @@ exists in the create and roll responses only: it is never logged, audited or sto
 from __future__ import annotations
 
 import asyncio
-from datetime import datetime, timedelta
+from datetime import datetime
 
 from sqlalchemy import select
 from sqlalchemy.ext.asyncio import AsyncSession
 
 from control_plane import audit_log
+from control_plane.credential_roll import end_with_grace
 from control_plane.deployments.schemas import (
     CreatedKeyDto,
     CreateKeyRequest,
@@ -172,13 +173,7 @@ async def roll_key(
     now = utcnow()
     if not is_active(old, now):
         raise Conflict("A revoked or expired key cannot be rolled", code="key_inactive")
-    original_expiry = old.expires_at
-    ends_at = now + timedelta(seconds=grace_period_seconds)
-    if grace_period_seconds == 0:
-        old.revoked_at = now
-        old.expires_at = now
-    elif original_expiry is None or ends_at < original_expiry:
-        old.expires_at = ends_at
+    original_expiry = end_with_grace(old, now, grace_period_seconds)
     issued = await _issue()
     new = DeploymentKey(
         deployment_id=deployment.id,
