@@ -12,18 +12,32 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import copy
 import logging
 import signal
 from collections.abc import Generator, Sequence
 from dataclasses import dataclass
+from typing import Any
 
 import uvicorn
+import uvicorn.config
 from starlette.types import ASGIApp
 
 from gateway.app import Gateway, create_app
 from lorry.settings import LorrySettings
 
 logger = logging.getLogger("lorry.gateway.server")
+
+
+def _stderr_log_config() -> dict[str, Any]:
+    """uvicorn's logging with its access log on stderr too (uvicorn's default is stdout): stdout
+    belongs to the commands (``lorry up`` prints its five lines there and nothing else)."""
+    config: dict[str, Any] = copy.deepcopy(uvicorn.config.LOGGING_CONFIG)
+    config["handlers"]["access"]["stream"] = "ext://sys.stderr"
+    return config
+
+
+LOG_CONFIG = _stderr_log_config()
 
 
 class _Server(uvicorn.Server):
@@ -53,6 +67,7 @@ def _config(app: ASGIApp, host: str, port: int, *, lifespan: str, settings: Lorr
         loop="none",
         lifespan=lifespan,  # type: ignore[arg-type]
         log_level=settings.log_level,
+        log_config=LOG_CONFIG,
         server_header=False,
         date_header=True,
         timeout_graceful_shutdown=max(1, int(settings.shutdown_deadline_s)),
