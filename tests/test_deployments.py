@@ -650,7 +650,9 @@ async def test_unique_index_decides_a_race(
             )
         )
         async with sessionmaker() as observer:
-            for _ in range(500):
+            for _ in range(3000):
+                # pg_stat_activity is a snapshot taken once per transaction: take a fresh one.
+                await observer.execute(text("SELECT pg_stat_clear_snapshot()"))
                 waiting = (
                     await observer.execute(
                         text(
