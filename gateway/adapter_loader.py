@@ -23,9 +23,10 @@ import httpx
 import orjson
 
 from gateway.engines import EngineState
-from gateway.errors import AdapterLoadFailed, UpstreamUnavailable
+from gateway.errors import AdapterLoadFailed, EngineUnreachable, UpstreamUnavailable
 from gateway.responses import engine_error_message
 from gateway.snapshot import ADAPTER_NAME_PREFIX, AdapterRef
+from gateway.upstream import connection_refused
 from lorry.ttl_cache import TTLCache
 
 logger = logging.getLogger("lorry.gateway.adapters")
@@ -45,7 +46,7 @@ class AdapterLoader:
 
     def _outcome(self, deployment_id: str, state: EngineState, outcome: str) -> None:
         if self._on_load is not None:
-            self._on_load(deployment_id, state.view.name, outcome)
+            self._on_load(deployment_id, state.name, outcome)
 
     async def ensure(self, state: EngineState, adapter: AdapterRef, deployment_id: str) -> str:
         """The engine-side name once ``adapter`` is registered on ``state``'s engine."""
@@ -91,7 +92,9 @@ class AdapterLoader:
                 )
         except (httpx.TransportError, TimeoutError) as exc:
             self._outcome(deployment_id, state, "error")
-            logger.warning("adapter load on engine %s failed: %s", state.view.name, type(exc).__name__)
+            logger.warning("adapter load on engine %s failed: %s", state.name, type(exc).__name__)
+            if isinstance(exc, httpx.ConnectError) and connection_refused(exc):
+                raise EngineUnreachable() from exc
             raise UpstreamUnavailable() from exc
         body = response.content
         if response.status_code == 200:
@@ -110,22 +113,26 @@ class AdapterLoader:
         self._outcome(deployment_id, state, "rejected")
         logger.warning(
             "engine %s rejected adapter %s (HTTP %d): %s",
-            state.view.name,
+            state.name,
             name,
             response.status_code,
             (message or "")[:500],
         )
         raise AdapterLoadFailed()
 
-    async def reconcile(self, state: EngineState) -> bool:
-        """Seed ``state.registered`` from the engine's ``/v1/models``; False if it did not answer."""
+    async def reconcile(self, state: EngineState, *, replace: bool = False) -> bool:
+        """Seed ``state.registered`` from the engine's ``/v1/models``; False if it did not answer.
+
+        ``replace``: the engine's answer is the whole truth (it may have restarted and forgotten
+        adapters); otherwise it only adds to what this gateway registered itself.
+        """
         try:
             async with asyncio.timeout(self._load_timeout_s):
                 response = await state.client.get("/v1/models")
             response.raise_for_status()
             data = orjson.loads(response.content)
         except (httpx.HTTPError, TimeoutError, orjson.JSONDecodeError) as exc:
-            logger.info("could not reconcile engine %s: %s", state.view.name, type(exc).__name__)
+            logger.info("could not reconcile engine %s: %s", state.name, type(exc).__name__)
             return False
         entries = data.get("data") if isinstance(data, dict) else None
         names = {
@@ -135,6 +142,8 @@ class AdapterLoader:
             and isinstance(entry.get("id"), str)
             and entry["id"].startswith(ADAPTER_NAME_PREFIX)
         }
+        if replace:
+            state.registered.intersection_update(names)
         state.registered |= names
         state.reconciled = True
         return True

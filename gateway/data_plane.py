@@ -315,24 +315,43 @@ class DataPlane:
         started: float,
     ) -> None:
         proxy = self.gw.proxy
-        outcome = await proxy.forward(deployment, prepared, ctx.request_id)
-        if isinstance(outcome, Answer):
-            await self._send_json(send, ctx, 200, outcome.body)
-            return
-        assert isinstance(outcome, Stream)
-        await send({"type": "http.response.start", "status": 200, "headers": self._headers(ctx, SSE_HEADERS)})
-
-        async def send_bytes(data: bytes) -> None:
-            await send({"type": "http.response.body", "body": data, "more_body": True})
-
-        self.gw.active_streams += 1
+        handle = self.gw.track_request()
         try:
-            await relay_stream(
-                proxy, outcome.stream, send_bytes, deployment_id=deployment.id, started=started
-            )
+            try:
+                outcome = await proxy.forward(deployment, prepared, ctx.request_id)
+            except asyncio.CancelledError:
+                task = asyncio.current_task()
+                if handle.drained and task is not None:
+                    task.uncancel()  # the shutdown deadline, not the client: answer it
+                    raise ShuttingDown() from None
+                raise
+            if isinstance(outcome, Answer):
+                await self._send_json(send, ctx, 200, outcome.body)
+                return
+            assert isinstance(outcome, Stream)
+            handle.stream = outcome.stream
+            if handle.drained:  # the deadline passed while the first event was being read
+                outcome.stream.abort(ShuttingDown())
+
+            async def send_bytes(data: bytes) -> None:
+                await send({"type": "http.response.body", "body": data, "more_body": True})
+
+            self.gw.active_streams += 1
+            relaying = False
+            try:
+                await send(
+                    {"type": "http.response.start", "status": 200, "headers": self._headers(ctx, SSE_HEADERS)}
+                )
+                relaying = True
+                await relay_stream(proxy, outcome, send_bytes, deployment_id=deployment.id, started=started)
+            finally:
+                self.gw.active_streams -= 1
+                if not relaying:  # cancelled before the relay owned the stream: release it here
+                    await outcome.stream.aclose()
+                    proxy.release(outcome.stream.state, outcome.adapter)
+            await send({"type": "http.response.body", "body": b"", "more_body": False})
         finally:
-            self.gw.active_streams -= 1
-        await send({"type": "http.response.body", "body": b"", "more_body": False})
+            self.gw.untrack_request(handle)
 
     # -- CORS ----------------------------------------------------------------------------------------
 

@@ -140,6 +140,10 @@ class UpstreamUnavailable(GatewayError):
     default_message = "No inference engine is available for this deployment"
 
 
+class EngineUnreachable(UpstreamUnavailable):
+    """The engine refused the connection (or did not accept it in time): eject it, try another."""
+
+
 class NoEngine(GatewayError):
     status_code = 503
     code = "no_engine"
@@ -156,6 +160,12 @@ class UpstreamError(GatewayError):
     status_code = 502
     code = "upstream_error"
     default_message = "The inference engine failed to process the request"
+
+
+class UpstreamConnectionLost(UpstreamError):
+    """The engine's connection broke while its answer was being read."""
+
+    default_message = "The inference engine connection failed"
 
 
 class ServiceUnavailable(GatewayError):

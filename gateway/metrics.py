@@ -7,9 +7,12 @@ a request or anything else a client controls.
 
 from __future__ import annotations
 
+import contextlib
+
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, generate_latest
 
 NO_DEPLOYMENT = "-"
+ENGINE_LOAD_KINDS = ("running", "waiting", "deferred")
 _LATENCY_BUCKETS = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0, 120.0, 300.0)
 
 
@@ -71,6 +74,25 @@ class GatewayMetrics:
             ["engine"],
             registry=registry,
         )
+        self.engine_up = Gauge(
+            "lorry_gateway_engine_up",
+            "1 when the engine (one address of an engine entry) is enabled and healthy, else 0.",
+            ["engine"],
+            registry=registry,
+        )
+        self.engine_load = Gauge(
+            "lorry_gateway_engine_load",
+            "Engine load as last read from its /metrics: running, waiting and deferred requests.",
+            ["engine", "kind"],
+            registry=registry,
+        )
+        self.engine_ejections = Counter(
+            "lorry_gateway_engine_ejections",
+            "Engines taken out of rotation by failed health checks or refused connections.",
+            ["engine"],
+            registry=registry,
+        )
+        self._engines: set[str] = set()
         self.snapshot_age = Gauge(
             "lorry_gateway_change_feed_lag_seconds",
             "Seconds since the change feed was last read successfully.",
@@ -82,6 +104,23 @@ class GatewayMetrics:
 
     def key_verified(self) -> None:
         self.key_verifications.inc()
+
+    def engine_state(self, name: str, *, up: bool, load: tuple[float, float, float] | None = None) -> None:
+        self._engines.add(name)
+        self.engine_up.labels(name).set(1 if up else 0)
+        if load is not None:
+            for kind, value in zip(ENGINE_LOAD_KINDS, load, strict=True):
+                self.engine_load.labels(name, kind).set(value)
+
+    def forget_engines(self, keep: set[str]) -> None:
+        """Drop the health and load series of engines no longer in the pool."""
+        for name in self._engines - keep:
+            with contextlib.suppress(KeyError):
+                self.engine_up.remove(name)
+            for kind in ENGINE_LOAD_KINDS:
+                with contextlib.suppress(KeyError):
+                    self.engine_load.remove(name, kind)
+        self._engines &= keep
 
     def render(self) -> bytes:
         return generate_latest(self.registry)

@@ -4,6 +4,9 @@ Until the first byte reached the client, a failure that another engine could avo
 refused, engine unavailable, no first byte in time) is retried on the next candidate, up to
 ``max_attempts`` engines. A non-streaming answer is read whole before anything is sent, so all
 of it is "before the first byte". Once a stream has started it is never retried.
+
+A refused connection also ejects the engine (passive health check); any other transport failure
+asks the health monitor to check that engine now.
 """
 
 from __future__ import annotations
@@ -16,13 +19,17 @@ import orjson
 
 from gateway import balancer
 from gateway.adapter_loader import AdapterLoader
+from gateway.balancer import LoadBound
 from gateway.engines import EnginePool, EngineState, UpstreamTimeouts
 from gateway.errors import (
+    EngineUnreachable,
     GatewayError,
     NoEngine,
+    UpstreamConnectionLost,
     UpstreamTimeout,
     UpstreamUnavailable,
 )
+from gateway.health import HealthMonitor
 from gateway.metrics import GatewayMetrics
 from gateway.request_policy import Endpoint, PreparedRequest
 from gateway.responses import StreamRewriter, engine_error, is_model_missing, rewrite_json_body
@@ -46,6 +53,7 @@ class Answer:
 @dataclass(eq=False)
 class Stream:
     stream: OpenStream
+    adapter: str | None = None
 
 
 Outcome = Answer | Stream
@@ -62,6 +70,8 @@ class Proxy:
         max_attempts: int,
         max_event_bytes: int,
         max_body_bytes: int,
+        bound: LoadBound | None = None,
+        monitor: HealthMonitor | None = None,
     ) -> None:
         self.pool = pool
         self.loader = loader
@@ -70,33 +80,46 @@ class Proxy:
         self.max_attempts = max_attempts
         self.max_event_bytes = max_event_bytes
         self.max_body_bytes = max_body_bytes
+        self.bound = bound or LoadBound()
+        self.monitor = monitor
 
-    def acquire(self, state: EngineState) -> None:
-        state.in_flight += 1
-        self.metrics.in_flight.labels(state.view.name).inc()
+    def acquire(self, state: EngineState, adapter: str | None = None) -> None:
+        state.acquire(adapter)
+        self.metrics.in_flight.labels(state.name).inc()
 
-    def release(self, state: EngineState) -> None:
-        state.in_flight -= 1
-        self.metrics.in_flight.labels(state.view.name).dec()
+    def release(self, state: EngineState, adapter: str | None = None) -> None:
+        state.release(adapter)
+        self.metrics.in_flight.labels(state.name).dec()
         self.pool.released(state)
+
+    def failed(self, state: EngineState, error: GatewayError) -> None:
+        """Passive health: a refused connection ejects the engine; a broken one gets checked now."""
+        if self.monitor is None:
+            return
+        if isinstance(error, EngineUnreachable):
+            self.monitor.eject(state, f"connection refused ({error.__cause__ or error})")
+        elif isinstance(error, (UpstreamUnavailable, UpstreamConnectionLost)):
+            self.monitor.suspect(state)
 
     async def forward(
         self, deployment: DeploymentView, prepared: PreparedRequest, request_id: str
     ) -> Outcome:
         """An answer or an open stream (the caller relays it, then calls ``release``)."""
-        engines = balancer.candidates(deployment, self.pool.states())
+        engines = balancer.candidates(deployment, self.pool.states(), self.bound)
         if not engines:
             raise NoEngine()
         error: GatewayError = UpstreamUnavailable()
-        for state in engines[: max(1, self.max_attempts)]:
+        tried = engines[: max(1, self.max_attempts)]
+        for state in tried:
             try:
                 return await self._attempt(state, deployment, prepared, request_id)
             except _RETRYABLE as exc:
+                self.failed(state, exc)
                 logger.info(
                     "engine %s failed before the first byte (%s); %s",
-                    state.view.name,
+                    state.name,
                     exc.code,
-                    "trying the next" if state is not engines[-1] else "no engine left",
+                    "trying the next" if state is not tried[-1] else "no engine left",
                 )
                 error = exc
         raise error
@@ -106,10 +129,11 @@ class Proxy:
     ) -> Outcome:
         deadline = Deadline(self.timeouts)
         reregistered = False
+        adapter = deployment.adapter.engine_name if deployment.adapter is not None else None
         while True:
             model = await self._model_name(state, deployment)
             body = orjson.dumps({**prepared.payload, "model": model})
-            self.acquire(state)
+            self.acquire(state, adapter)
             keep = False
             try:
                 response = await send_request(
@@ -124,9 +148,7 @@ class Proxy:
                             and is_model_missing(response.status_code, error_body)
                         ):
                             # The engine restarted and forgot the adapter: register again, retry once.
-                            logger.info(
-                                "engine %s lost adapter %s; registering again", state.view.name, model
-                            )
+                            logger.info("engine %s lost adapter %s; registering again", state.name, model)
                             self.loader.forget(state, model)
                             reregistered = True
                             continue
@@ -141,7 +163,7 @@ class Proxy:
                             state, response, rewriter, deadline, max_event_bytes=self.max_event_bytes
                         )
                         keep = True
-                        return Stream(stream)
+                        return Stream(stream, adapter)
                     raw = await read_body(response, deadline, limit=self.max_body_bytes)
                     return Answer(
                         rewrite_json_body(raw, deployment.slug, self._usage_hook(deployment.id)), state
@@ -151,7 +173,7 @@ class Proxy:
                         await response.aclose()
             finally:
                 if not keep:
-                    self.release(state)
+                    self.release(state, adapter)
 
     async def _model_name(self, state: EngineState, deployment: DeploymentView) -> str:
         if deployment.adapter is None:
@@ -168,18 +190,21 @@ class Proxy:
 
 async def relay_stream(
     proxy: Proxy,
-    stream: OpenStream,
+    outcome: Stream,
     send_bytes: Callable[[bytes], Awaitable[None]],
     *,
     deployment_id: str,
     started: float,
 ) -> None:
     """Relays a committed stream and records its metrics; always releases the engine."""
+    stream = outcome.stream
     try:
         await stream.relay(send_bytes)
     finally:
         await stream.aclose()
-        proxy.release(stream.state)
+        proxy.release(stream.state, outcome.adapter)
+        if stream.stats.error is not None:
+            proxy.failed(stream.state, stream.stats.error)
         if stream.stats.first_content_at is not None:
             proxy.metrics.ttft.labels(deployment_id).observe(stream.stats.first_content_at - started)
         if stream.stats.error_code is not None:

@@ -5,7 +5,10 @@
 control-plane app as an extra server, so all stop together.
 
 On SIGTERM the gateway drains: readiness fails at once, the listening socket closes (new
-connections are refused), requests in flight get up to ``LORRY_SHUTDOWN_DEADLINE_S`` to finish.
+connections are refused, and requests on kept-alive connections get 503 ``shutting_down``),
+requests in flight get up to ``LORRY_SHUTDOWN_DEADLINE_S`` to finish; then streams still running
+end with an error event (see :meth:`gateway.app.Gateway.begin_drain`). uvicorn's own graceful
+timeout is that deadline plus ``shutdown_grace_s``, so the error events go out before it cancels.
 """
 
 from __future__ import annotations
@@ -14,6 +17,7 @@ import asyncio
 import contextlib
 import copy
 import logging
+import math
 import signal
 from collections.abc import Generator, Sequence
 from dataclasses import dataclass
@@ -58,7 +62,9 @@ class ExtraServer:
     lifespan: str = "on"
 
 
-def _config(app: ASGIApp, host: str, port: int, *, lifespan: str, settings: LorrySettings) -> uvicorn.Config:
+def _config(
+    app: ASGIApp, host: str, port: int, *, lifespan: str, settings: LorrySettings, grace_s: float = 3.0
+) -> uvicorn.Config:
     return uvicorn.Config(
         app,
         host=host,
@@ -70,7 +76,7 @@ def _config(app: ASGIApp, host: str, port: int, *, lifespan: str, settings: Lorr
         log_config=LOG_CONFIG,
         server_header=False,
         date_header=True,
-        timeout_graceful_shutdown=max(1, int(settings.shutdown_deadline_s)),
+        timeout_graceful_shutdown=max(1, math.ceil(settings.shutdown_deadline_s + grace_s)),
         timeout_keep_alive=5,
     )
 
@@ -89,7 +95,8 @@ async def serve(
 ) -> None:
     """Serve until a signal (or ``stop`` is set); the data app's lifespan starts the gateway."""
     gw = gateway if gateway is not None else create_app(settings)
-    data = _Server(_config(gw.app, host, port, lifespan="on", settings=settings))
+    grace = gw.options.shutdown_grace_s
+    data = _Server(_config(gw.app, host, port, lifespan="on", settings=settings, grace_s=grace))
     ops = _Server(_config(gw.ops_app, ops_host or host, ops_port, lifespan="off", settings=settings))
     others = [_Server(_config(e.app, e.host, e.port, lifespan=e.lifespan, settings=settings)) for e in extra]
     stop_event = stop if stop is not None else asyncio.Event()
@@ -108,7 +115,7 @@ async def serve(
     async def on_stop() -> None:
         await stop_event.wait()
         logger.info("stopping: draining for up to %.0f s", settings.shutdown_deadline_s)
-        gw.begin_drain()
+        gw.begin_drain(settings.shutdown_deadline_s)
         data.should_exit = True
         await asyncio.gather(tasks[0], return_exceptions=True)
         for server in servers[1:]:

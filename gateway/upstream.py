@@ -21,7 +21,15 @@ from dataclasses import dataclass, field
 import httpx
 
 from gateway.engines import EngineState, UpstreamTimeouts
-from gateway.errors import GatewayError, UpstreamError, UpstreamTimeout, UpstreamUnavailable, sse_error_event
+from gateway.errors import (
+    EngineUnreachable,
+    GatewayError,
+    UpstreamConnectionLost,
+    UpstreamError,
+    UpstreamTimeout,
+    UpstreamUnavailable,
+    sse_error_event,
+)
 from gateway.responses import SSEBuffer, StreamProtocolError, StreamRewriter
 
 SSE_HEADERS = {
@@ -63,10 +71,24 @@ async def send_request(
             return await state.client.send(request, stream=True)
     except TimeoutError:
         raise UpstreamTimeout() from None
-    except httpx.TimeoutException as exc:  # connect timeout
+    except httpx.ConnectError as exc:
+        if connection_refused(exc):
+            raise EngineUnreachable() from exc
         raise UpstreamUnavailable() from exc
-    except httpx.TransportError as exc:
+    except httpx.TransportError as exc:  # connect timeout, or the connection broke before headers
         raise UpstreamUnavailable() from exc
+
+
+def connection_refused(exc: BaseException) -> bool:
+    """Did the engine's host refuse the connection (nothing listens: the process is gone)?"""
+    seen: set[int] = set()
+    current: BaseException | None = exc
+    while current is not None and id(current) not in seen:
+        seen.add(id(current))
+        if isinstance(current, ConnectionRefusedError):
+            return True
+        current = current.__cause__ or current.__context__
+    return False
 
 
 async def read_chunk(chunks: AsyncIterator[bytes], timeout_s: float) -> bytes | None:
@@ -78,6 +100,8 @@ async def read_chunk(chunks: AsyncIterator[bytes], timeout_s: float) -> bytes | 
         return None
     except TimeoutError:
         raise UpstreamTimeout() from None
+    except httpx.TransportError as exc:
+        raise UpstreamConnectionLost() from exc
     except httpx.HTTPError as exc:
         raise UpstreamError("The inference engine connection failed") from exc
 
@@ -101,6 +125,7 @@ async def read_body(response: httpx.Response, deadline: Deadline, *, limit: int,
 class StreamStats:
     first_content_at: float | None = None
     error_code: str | None = None
+    error: GatewayError | None = None
     completed: bool = False
     events: int = 0
 
@@ -118,6 +143,9 @@ class OpenStream:
     pending: list[bytes]
     stats: StreamStats = field(default_factory=StreamStats)
     done: bool = False
+    # Set by :meth:`abort` (the shutdown deadline): the relay ends with this error event.
+    aborted: GatewayError | None = None
+    _read_scope: asyncio.Timeout | None = None
 
     @classmethod
     async def open(
@@ -150,9 +178,23 @@ class OpenStream:
         return stream
 
     def _rewrite(self, chunk: bytes) -> list[bytes]:
-        out = []
-        for raw in self.buffer.feed(chunk):
-            result = self.rewriter.event(raw)
+        out, problem = self._rewrite_partial(chunk)
+        if problem is not None:
+            raise problem
+        return out
+
+    def _rewrite_partial(self, chunk: bytes) -> tuple[list[bytes], StreamProtocolError | None]:
+        """The client's events for one upstream read, and the protocol error that cut it short."""
+        out: list[bytes] = []
+        try:
+            events = self.buffer.feed(chunk)
+        except StreamProtocolError as exc:
+            return out, exc
+        for raw in events:
+            try:
+                result = self.rewriter.event(raw)
+            except StreamProtocolError as exc:
+                return out, exc
             self.stats.events += 1
             if result.content and self.stats.first_content_at is None:
                 self.stats.first_content_at = time.monotonic()
@@ -166,30 +208,75 @@ class OpenStream:
                 self.stats.completed = True
                 self.done = True
                 break
-        return out
+        return out, None
+
+    def abort(self, error: GatewayError) -> None:
+        """End the relay at once with ``error`` as its last event (the shutdown deadline passed).
+
+        A read in progress is interrupted by moving its timeout to now; a relay busy sending sees
+        the abort before its next read.
+        """
+        if self.aborted is not None or self.done:
+            return
+        self.aborted = error
+        scope = self._read_scope
+        if scope is not None:
+            scope.reschedule(asyncio.get_running_loop().time())
+
+    async def _read(self) -> bytes | None:
+        if self.aborted is not None:
+            raise self.aborted
+        try:
+            async with asyncio.timeout(self.deadline.idle()) as scope:
+                self._read_scope = scope
+                return await anext(self.chunks)
+        except StopAsyncIteration:
+            return None
+        except TimeoutError:
+            if self.aborted is not None:
+                raise self.aborted from None
+            raise UpstreamTimeout() from None
+        except httpx.TransportError as exc:
+            raise UpstreamConnectionLost() from exc
+        except httpx.HTTPError as exc:
+            raise UpstreamError("The inference engine connection failed") from exc
+        finally:
+            self._read_scope = None
 
     async def relay(self, send: Callable[[bytes], Awaitable[None]]) -> None:
         """Sends everything to the client; ends with an error event on any failure."""
-        for data in self.pending:
-            await send(data)
-        self.pending = []
         error: GatewayError | None = None
         try:
+            # Everything one read brought is sent at once: as it arrived, in one write (a gateway
+            # that fell behind catches up instead of paying per event).
+            if self.pending:
+                await send(b"".join(self.pending))
+            self.pending = []
             while not self.done:
-                chunk = await read_chunk(self.chunks, self.deadline.idle())
+                chunk = await self._read()
                 if chunk is None:
                     error = UpstreamError("The inference engine ended the stream unexpectedly")
                     break
-                try:
-                    for data in self._rewrite(chunk):
-                        await send(data)
-                except StreamProtocolError as exc:
-                    error = UpstreamError(str(exc))
+                out, problem = self._rewrite_partial(chunk)
+                if out:
+                    await send(b"".join(out))
+                if problem is not None:
+                    error = UpstreamError(str(problem))
                     break
+                # Neither a read of already-buffered data nor a send suspends: without this the
+                # relay of a fast engine would keep the event loop to itself (other streams, a
+                # client's disconnect, the operations port and signals would all wait).
+                await asyncio.sleep(0)
         except GatewayError as exc:
             error = exc
+        if error is None and self.aborted is not None and not self.stats.completed:
+            error = self.aborted
         if error is not None:
             self.stats.error_code = error.code
+            self.stats.error = error
+            # Stop the engine first (closing its request aborts the generation), then tell the
+            # client, whose connection may be slow to take the last event.
+            await self.aclose()
             await send(sse_error_event(error))
 
     async def aclose(self) -> None:

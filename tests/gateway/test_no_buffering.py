@@ -19,7 +19,7 @@ import orjson
 import pytest
 from starlette.applications import Starlette
 from starlette.requests import Request
-from starlette.responses import JSONResponse, StreamingResponse
+from starlette.responses import JSONResponse, Response, StreamingResponse
 from starlette.routing import Route
 
 from gateway.app import Gateway
@@ -39,8 +39,12 @@ class StandIn:
             routes=[
                 Route("/v1/chat/completions", self.chat, methods=["POST"]),
                 Route("/v1/models", self.models, methods=["GET"]),
+                Route("/health", self.health, methods=["GET"]),
             ]
         )
+
+    async def health(self, _request: Request) -> Response:
+        return Response(status_code=200)
 
     async def models(self, _request: Request) -> JSONResponse:
         return JSONResponse({"object": "list", "data": [{"id": "lorry/tiny-llama", "object": "model"}]})

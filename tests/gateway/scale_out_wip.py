@@ -1,0 +1,888 @@
+"""Two real vLLM engines, two real gateway processes, one PostgreSQL (issue 5; DESIGN §6-§8, §10).
+
+The shared engine runs on core 0; this module starts one more on core 1 for all its tests (and
+restarts it once, in the last test: at most 3 engine starts here, the shared one included).
+Gateways are real ``lorry serve gateway`` processes, configured through their environment; the
+control plane runs in the test process on the same database. Which engine served what is read
+from the engines' own ``/metrics`` and logs, never from the gateway.
+
+Every bound is measured and printed.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import os
+import signal
+import statistics
+import time
+import uuid
+from collections.abc import AsyncIterator, Awaitable, Callable, Iterator
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import asyncpg
+import httpx
+import openai
+import orjson
+import pytest
+
+from gateway.balancer import rendezvous_score
+from lorry.settings import LorrySettings
+from tests import engines as engines_module
+from tests import fixtures_engine
+from tests.engines import RunningEngine
+from tests.gateway.admin_api import AdminApi
+from tests.gateway.conftest import DemoAdapters, engine_name_of
+from tests.gateway.processes import GatewayProcess, metric_sum, metric_value, start_gateway
+from tests.support.databases import PG_ADMIN_DSN
+
+pytestmark = pytest.mark.vllm
+
+BOUND_S = 1.0
+MESSAGES = [{"role": "user", "content": "Tell me about the river and the old stone house."}]
+GATEWAY_ENV = {
+    "LORRY_GATEWAY_HEALTH_INTERVAL_S": "0.25",
+    "LORRY_GATEWAY_HEALTH_TIMEOUT_S": "1",
+    "LORRY_GATEWAY_UNHEALTHY_AFTER": "2",
+    "LORRY_GATEWAY_HEALTHY_AFTER": "2",
+    # Not faster: vLLM renders /metrics on the event loop that streams its tokens.
+    "LORRY_GATEWAY_LOAD_INTERVAL_S": "1",
+    "LORRY_GATEWAY_ENGINE_MAX_REQUESTS": "2",
+    "LORRY_GATEWAY_LAST_USED_FLUSH_S": "1",
+}
+
+
+@pytest.fixture
+def backend() -> str:
+    return "postgres"  # several processes share the database: the production shape
+
+
+# -- engines -------------------------------------------------------------------------------------
+
+
+@dataclass
+class EnginePair:
+    shared: RunningEngine
+    extra: RunningEngine
+    demo_model_dir: Path
+    manifest: dict[str, Any]
+    log_dir: Path
+    starts: int = 1
+
+    def get(self, label: str) -> RunningEngine:
+        return self.shared if label == "shared" else self.extra
+
+    def kill_extra(self) -> None:
+        """SIGKILL the extra engine's whole process group (API server and engine core)."""
+        os.killpg(self.extra.process.pid, signal.SIGKILL)
+
+    def restart_extra(self) -> float:
+        """Start the extra engine again on the same port and core; returns seconds to healthy."""
+        port, core = self.extra.port, self.extra.cpu_core
+        self.extra.stop(timeout=5)
+        with pytest.MonkeyPatch.context() as patch:
+            patch.setattr(engines_module, "free_port", lambda: port)
+            self.extra = fixtures_engine._start(  # the suite's own engine starter
+                self.demo_model_dir, self.manifest, self.log_dir, cpu_core=core, name="extra-restarted"
+            )
+        self.starts += 1
+        assert self.extra.port == port
+        return self.extra.start_seconds
+
+
+@pytest.fixture(scope="module")
+def engine_pair(
+    vllm_engine: RunningEngine,
+    demo_model_dir: Path,
+    demo_manifest: dict[str, Any],
+    tmp_path_factory: pytest.TempPathFactory,
+) -> Iterator[EnginePair]:
+    log_dir = tmp_path_factory.mktemp("scale-out-engines")
+    core = engines_module.free_core()
+    extra = fixtures_engine._start(demo_model_dir, demo_manifest, log_dir, cpu_core=core, name="extra")
+    pair = EnginePair(vllm_engine, extra, demo_model_dir, demo_manifest, log_dir)
+    try:
+        yield pair
+    finally:
+        print(f"\nscale-out module: {pair.starts} engine start(s) of its own (plus the shared engine)")
+        pair.extra.stop()
+
+
+async def engine_text(engine: RunningEngine) -> str:
+    async with httpx.AsyncClient(timeout=10) as client:
+        response = await client.get(f"{engine.url}/metrics")
+    response.raise_for_status()
+    return response.text
+
+
+async def finished_on(engine: RunningEngine) -> float:
+    return metric_sum(await engine_text(engine), "vllm:request_success_total")
+
+
+async def finished(pair: EnginePair) -> dict[str, float]:
+    """Requests each engine finished, by its own ``vllm:request_success_total``."""
+    texts = await asyncio.gather(engine_text(pair.shared), engine_text(pair.extra))
+    return {
+        label: metric_sum(text, "vllm:request_success_total")
+        for label, text in zip(("shared", "extra"), texts, strict=True)
+    }
+
+
+async def engine_gauge(pair: EnginePair, name: str) -> dict[str, float]:
+    texts = await asyncio.gather(engine_text(pair.shared), engine_text(pair.extra))
+    return {label: metric_sum(text, name) for label, text in zip(("shared", "extra"), texts, strict=True)}
+
+
+def delta(after: dict[str, float], before: dict[str, float]) -> dict[str, float]:
+    return {label: after[label] - before[label] for label in after}
+
+
+# -- the cluster: engines registered through the admin API, gateway processes ----------------------
+
+
+@dataclass
+class Cluster:
+    api: AdminApi
+    pair: EnginePair
+    settings: LorrySettings
+    log_dir: Path
+    store: Path
+    engine_ids: dict[str, str] = field(default_factory=dict)
+    gateways: list[GatewayProcess] = field(default_factory=list)
+
+    async def register(self, label: str, **fields: Any) -> str:
+        engine = self.pair.get(label)
+        body = {
+            "name": label,
+            "url": engine.url,
+            "baseModel": engine.served_model_name,
+            "servedModelName": engine.served_model_name,
+            "adapterRoot": str(self.store),
+            "maxLoras": 4,
+            "maxLoraRank": 16,
+            **fields,
+        }
+        response = await self.api.client.post("/v1/engines", json=body)
+        assert response.status_code == 201, response.text
+        engine_id = str(response.json()["engine"]["id"])
+        self.engine_ids[label] = engine_id
+        return engine_id
+
+    async def set_engine(self, label: str, **fields: Any) -> None:
+        response = await self.api.client.patch(f"/v1/engines/{self.engine_ids[label]}", json=fields)
+        assert response.status_code == 200, response.text
+
+    async def start_gateways(self, count: int = 2, **env: Any) -> list[GatewayProcess]:
+        started = [
+            start_gateway(f"{len(self.gateways) + i}", self.settings, self.log_dir, {**GATEWAY_ENV, **env})
+            for i in range(count)
+        ]
+        self.gateways.extend(started)
+        await asyncio.gather(*(gw.wait_ready() for gw in started))
+        return started
+
+    def preferred(self, affinity_key: str) -> str:
+        """The engine (label) every gateway's rendezvous hashing puts first for ``affinity_key``."""
+        return max(self.engine_ids, key=lambda label: rendezvous_score(affinity_key, self.engine_ids[label]))
+
+    async def stop(self) -> None:
+        await asyncio.gather(*(gw.stop() for gw in self.gateways))
+
+
+@pytest.fixture
+async def cluster(
+    admin_api: AdminApi,
+    engine_pair: EnginePair,
+    settings: LorrySettings,
+    shared_store: Path,
+    tmp_path: Path,
+) -> AsyncIterator[Cluster]:
+    made = Cluster(
+        api=admin_api,
+        pair=engine_pair,
+        settings=settings.model_copy(update={"path_routing": True}),
+        log_dir=tmp_path,
+        store=shared_store,
+    )
+    try:
+        yield made
+    finally:
+        await made.stop()
+        for gw in made.gateways:
+            assert "Traceback" not in gw.log_text(), gw.log_text()[-3000:]
+
+
+def auth(key: str | None) -> dict[str, str]:
+    return {"authorization": f"Bearer {key}"} if key else {}
+
+
+async def chat(gw: GatewayProcess, slug: str, key: str | None, **extra: Any) -> httpx.Response:
+    body = {"messages": MESSAGES, "temperature": 0, "max_tokens": 4, **extra}
+    async with httpx.AsyncClient(timeout=120) as client:
+        return await client.post(f"{gw.base_url(slug)}/chat/completions", json=body, headers=auth(key))
+
+
+def content(response: httpx.Response) -> str:
+    assert response.status_code == 200, response.text
+    text = response.json()["choices"][0]["message"]["content"]
+    assert isinstance(text, str)
+    return text
+
+
+async def gateway_gauge(gw: GatewayProcess, name: str, **labels: str) -> float | None:
+    return metric_value(await gw.metrics(), name, **labels)
+
+
+async def until(check: Callable[[], Awaitable[bool]], timeout: float = 10.0, interval: float = 0.01) -> float:
+    started = time.monotonic()
+    while True:
+        if await check():
+            return time.monotonic() - started
+        if time.monotonic() - started > timeout:
+            raise AssertionError(f"not observed within {timeout} s")
+        await asyncio.sleep(interval)
+
+
+def summary(samples: list[float]) -> str:
+    return (
+        f"p50 {statistics.median(samples) * 1000:.0f} ms, max {max(samples) * 1000:.0f} ms (n={len(samples)})"
+    )
+
+
+async def deployment_for_engine(
+    cluster: Cluster, demo_adapters: DemoAdapters, label: str, slug: str
+) -> tuple[dict[str, Any], dict[str, Any], str]:
+    """A fresh alpha variant whose rendezvous order puts engine ``label`` first; (job, deployment, key)."""
+    for _ in range(12):
+        job = await demo_adapters.job("alpha", variant=uuid.uuid4().hex)
+        digest = next(a["digest"] for a in job["adapters"] if a["kind"] == "final")
+        if cluster.preferred(digest) == label:
+            deployment = await cluster.api.create_deployment(slug, job_id=job["id"])
+            key = await cluster.api.create_key(deployment["id"])
+            return job, deployment, str(key["plaintext"])
+    raise AssertionError("no variant preferred the engine")
+
+
+# -- affinity and the load bound ------------------------------------------------------------------
+
+
+async def test_affinity_stays_under_the_bound_and_spreads_beyond_it(
+    cluster: Cluster, demo_adapters: DemoAdapters
+) -> None:
+    pair = cluster.pair
+    await cluster.register("shared")
+    await cluster.register("extra")
+    job, _, key = await deployment_for_engine(cluster, demo_adapters, "extra", "affine")
+    name = engine_name_of(job)
+    gw_a, gw_b = await cluster.start_gateways(2)
+    home, away = "extra", "shared"
+    assert (pair.get(home).load_count(name), pair.get(away).load_count(name)) == (0, 0)
+
+    # Under the bound: every request, from either gateway, lands on the adapter's engine.
+    before = await finished(pair)
+    for i in range(8):
+        assert content(await chat((gw_a, gw_b)[i % 2], "affine", key))
+    sequential = delta(await finished(pair), before)
+    assert sequential == {home: 8, away: 0}, sequential
+
+    # The bound counts what the engine itself reports: gateway B holds two long streams on the
+    # engine; gateway A, with nothing in flight itself, reads the engine's load and goes elsewhere.
+    async with contextlib.AsyncExitStack() as stack:
+        client = await stack.enter_async_context(httpx.AsyncClient(timeout=120))
+        held = []  # (a dropped, half-read iterator would close its response)
+        for _ in range(2):
+            response = await stack.enter_async_context(
+                client.stream(
+                    "POST",
+                    f"{gw_b.base_url('affine')}/chat/completions",
+                    headers=auth(key),
+                    json={"messages": MESSAGES, "max_tokens": 4000, "ignore_eos": True, "stream": True},
+                )
+            )
+            assert response.status_code == 200
+            chunks = response.aiter_raw()
+            first = await anext(chunks)
+            assert b"data: " in first
+            held.append(chunks)
+        running = await engine_gauge(pair, "vllm:num_requests_running")
+        waiting = await engine_gauge(pair, "vllm:num_requests_waiting")
+        assert running == {home: 2, away: 0}, (running, waiting, first)
+        seen_after = await until(
+            lambda: _gauge_at_least(gw_a, "lorry_gateway_engine_load", 2, engine=home, kind="running"),
+            timeout=10,
+        )
+        before = await finished(pair)
+        assert content(await chat(gw_a, "affine", key))
+        elsewhere = delta(await finished(pair), before)
+        assert elsewhere == {home: 0, away: 1}, elsewhere
+    # Leaving the block closed both streams: the engine aborts them.
+    await until(lambda: _sum_is(engine_gauge(pair, "vllm:num_requests_running"), 0), timeout=5)
+
+    # A burst beyond the bound spreads; each engine registered the adapter once (its own log).
+    before = await finished(pair)
+    burst = await asyncio.gather(
+        *(
+            chat((gw_a, gw_b)[i % 2], "affine", key, max_tokens=48, ignore_eos=True, stream=False)
+            for i in range(12)
+        )
+    )
+    assert all(response.status_code == 200 for response in burst), [r.text for r in burst]
+    spread = delta(await finished(pair), before)
+    assert spread[home] > 0 and spread[away] > 0 and sum(spread.values()) == 12, spread
+    loads = {label: pair.get(label).load_count(name) for label in (home, away)}
+    assert loads == {home: 1, away: 1}, loads
+    print(
+        f"\naffinity: 8 sequential requests via 2 gateways → {sequential}; gateway A saw the engine's own "
+        f"load of B's 2 streams after {seen_after * 1000:.0f} ms and sent its request {elsewhere}; "
+        f"burst of 12 → {spread}; 'Loaded new LoRA adapter' lines per engine: {loads}"
+    )
+
+
+async def _gauge_at_least(gw: GatewayProcess, name: str, value: float, **labels: str) -> bool:
+    found = await gateway_gauge(gw, name, **labels)
+    return found is not None and found >= value
+
+
+# -- propagation to both gateways -----------------------------------------------------------------
+
+
+async def _models_status(client: httpx.AsyncClient, gw: GatewayProcess, slug: str, key: str) -> int:
+    return (await client.get(f"{gw.base_url(slug)}/models", headers=auth(key))).status_code
+
+
+async def _obeyed(
+    gateways: list[GatewayProcess],
+    started: float,
+    probe: Callable[[GatewayProcess], Awaitable[bool]],
+    timeout: float = 5.0,
+) -> list[float]:
+    """Seconds from ``started`` until ``probe`` holds on each gateway (polled independently)."""
+
+    async def one(gw: GatewayProcess) -> float:
+        while True:
+            if await probe(gw):
+                return time.monotonic() - started
+            assert time.monotonic() - started < timeout, f"gateway {gw.name} did not obey in {timeout} s"
+            await asyncio.sleep(0.005)
+
+    return list(await asyncio.gather(*(one(gw) for gw in gateways)))
+
+
+async def _obeyed_by_send_time(
+    gateways: list[GatewayProcess],
+    started: float,
+    probe: Callable[[GatewayProcess], Awaitable[bool]],
+    *,
+    cadence_s: float = 0.05,
+    outstanding: int = 4,
+    timeout: float = 10.0,
+) -> list[float]:
+    """For probes that take a while (a generation): a new probe every ``cadence_s``; a gateway has
+    obeyed by the time it was sent the first probe answered the new way. Every probe sent after
+    that one must answer the new way too."""
+
+    async def one(gw: GatewayProcess) -> float:
+        sent: dict[asyncio.Future[bool], float] = {}
+        answers: list[tuple[float, bool]] = []
+        pending: set[asyncio.Future[bool]] = set()
+        first_new: float | None = None
+        while first_new is None:
+            assert time.monotonic() - started < timeout, f"gateway {gw.name} did not obey in {timeout} s"
+            if len(pending) < outstanding:
+                probing: asyncio.Future[bool] = asyncio.ensure_future(probe(gw))
+                sent[probing] = time.monotonic()
+                pending.add(probing)
+            done, pending = await asyncio.wait(
+                pending, timeout=cadence_s, return_when=asyncio.FIRST_COMPLETED
+            )
+            for finished_probe in done:
+                answers.append((sent[finished_probe], finished_probe.result()))
+            new = [at for at, ok in answers if ok]
+            first_new = min(new) if new else None
+        for left in pending:
+            answers.append((sent[left], await left))
+        first_new = min(at for at, ok in answers if ok)  # an earlier probe may have finished last
+        stale = [at - started for at, ok in answers if not ok and at > first_new]
+        assert not stale, f"gateway {gw.name} answered the old way after obeying: {stale}"
+        return first_new - started
+
+    return list(await asyncio.gather(*(one(gw) for gw in gateways)))
+
+
+async def _rounds(
+    cluster: Cluster,
+    gateways: list[GatewayProcess],
+    deployment: dict[str, Any],
+    jobs: dict[str, dict[str, Any]],
+    outputs: dict[str, str],
+    *,
+    repeats: int,
+    api_calls: list[float],
+) -> dict[str, list[float]]:
+    """Seconds from each change's commit (its admin call returned) until each gateway obeys."""
+    api = cluster.api
+    slug = str(deployment["slug"])
+    times: dict[str, list[float]] = {"revoke": [], "disable": [], "re-target": []}
+
+    async def committed(call: Awaitable[Any]) -> float:
+        started = time.monotonic()
+        await call
+        done = time.monotonic()
+        api_calls.append(done - started)
+        return done
+
+    async with httpx.AsyncClient(timeout=60) as client:
+        for _ in range(repeats):
+            key = await api.create_key(deployment["id"])
+            plaintext = str(key["plaintext"])
+            # The key is in both gateways' caches.
+            await _obeyed(gateways, time.monotonic(), models_answer(client, slug, plaintext, 200))
+            done = await committed(api.revoke_key(deployment["id"], str(key["id"])))
+            times["revoke"] += await _obeyed(gateways, done, models_answer(client, slug, plaintext, 401))
+
+        key = await api.create_key(deployment["id"])
+        plaintext = str(key["plaintext"])
+        for _ in range(repeats):
+            done = await committed(api.patch_deployment(deployment["id"], enabled=False))
+            times["disable"] += await _obeyed(gateways, done, models_answer(client, slug, plaintext, 404))
+            await api.patch_deployment(deployment["id"], enabled=True)
+            await _obeyed(gateways, time.monotonic(), models_answer(client, slug, plaintext, 200))
+
+        def answers(expected: str) -> Callable[[GatewayProcess], Awaitable[bool]]:
+            async def probe(gw: GatewayProcess) -> bool:
+                response = await client.post(
+                    f"{gw.base_url(slug)}/chat/completions",
+                    headers=auth(plaintext),
+                    json={"messages": MESSAGES, "temperature": 0, "max_tokens": 8, "min_tokens": 8},
+                )
+                return content(response) == expected
+
+            return probe
+
+        for target in ["beta", "alpha"] * max(1, repeats // 2):
+            done = await committed(api.retarget(deployment["id"], jobs[target]["id"]))
+            times["re-target"] += await _obeyed_by_send_time(gateways, done, answers(outputs[target]))
+    return times
+
+
+def models_answer(
+    client: httpx.AsyncClient, slug: str, key: str, expected: int
+) -> Callable[[GatewayProcess], Awaitable[bool]]:
+    """A probe: does ``GET /v1/models`` with ``key`` answer ``expected`` on a gateway?"""
+
+    async def probe(gw: GatewayProcess) -> bool:
+        return await _models_status(client, gw, slug, key) == expected
+
+    return probe
+
+
+async def test_changes_reach_both_gateways_within_a_second(
+    cluster: Cluster, demo_adapters: DemoAdapters
+) -> None:
+    await cluster.register("shared")
+    await cluster.register("extra")
+    jobs = {"alpha": await demo_adapters.job("alpha"), "beta": await demo_adapters.job("beta")}
+    deployment = await cluster.api.create_deployment("moving", job_id=jobs["alpha"]["id"])
+    reference = await cluster.api.create_deployment("beta-ref", job_id=jobs["beta"]["id"], auth_mode="none")
+    assert reference["slug"] == "beta-ref"
+    gateways = await cluster.start_gateways(2)
+    key = str((await cluster.api.create_key(deployment["id"]))["plaintext"])
+    outputs = {
+        "alpha": content(await chat(gateways[0], "moving", key, max_tokens=8, min_tokens=8)),
+        "beta": content(await chat(gateways[0], "beta-ref", None, max_tokens=8, min_tokens=8)),
+    }
+    assert outputs["alpha"] != outputs["beta"], outputs  # the two adapters answer differently
+    for gw in gateways:  # both gateways have both adapters registered wherever they route them
+        assert content(await chat(gw, "moving", key, max_tokens=8, min_tokens=8)) == outputs["alpha"]
+        assert content(await chat(gw, "beta-ref", None, max_tokens=8, min_tokens=8)) == outputs["beta"]
+
+    api_calls: list[float] = []
+    normal = await _rounds(cluster, gateways, deployment, jobs, outputs, repeats=5, api_calls=api_calls)
+
+    database = cluster.settings.database_url.rsplit("/", 1)[1]
+    admin = await asyncpg.connect(PG_ADMIN_DSN)
+    try:
+        killed = await admin.fetchval(
+            "SELECT count(pg_terminate_backend(pid)) FROM pg_stat_activity "
+            "WHERE datname = $1 AND query ILIKE 'LISTEN%'",
+            database,
+        )
+        assert killed == 2  # one LISTEN connection per gateway
+        after_kill = await _rounds(
+            cluster, gateways, deployment, jobs, outputs, repeats=3, api_calls=api_calls
+        )
+        relisten = await until(lambda: _listening(admin, database, 2), timeout=15, interval=0.05)
+    finally:
+        await admin.close()
+
+    lines = []
+    for phase, times in (("LISTEN", normal), ("after pg_terminate_backend", after_kill)):
+        for kind, samples in times.items():
+            lines.append(f"  {phase:>26} {kind:>9}: {summary(samples)}")
+    print(
+        "\nboth gateways obey (from the commit, i.e. the admin call's answer, to the first obeying "
+        f"answer; admin calls took {summary(api_calls)}):\n" + "\n".join(lines)
+    )
+    print(f"  both gateways LISTEN again {relisten:.1f} s after the rounds")
+    for times in (normal, after_kill):
+        for kind, samples in times.items():
+            assert max(samples) < BOUND_S, (kind, samples)
+
+
+async def _listening(admin: asyncpg.Connection, database: str, expected: int) -> bool:
+    count = await admin.fetchval(
+        "SELECT count(*) FROM pg_stat_activity WHERE datname = $1 AND query ILIKE 'LISTEN%'", database
+    )
+    return bool(count == expected)
+
+
+# -- engines through the admin API ----------------------------------------------------------------
+
+
+async def test_engine_added_gets_traffic_and_disabled_gets_none(cluster: Cluster) -> None:
+    pair = cluster.pair
+    await cluster.register("shared")
+    gateways = await cluster.start_gateways(2)
+
+    started = time.monotonic()
+    extra_id = await cluster.register("extra")
+    added = await _obeyed(
+        gateways, started, lambda gw: _gauge_equals(gw, "lorry_gateway_engine_up", 1, engine="extra")
+    )
+    # A base-model deployment whose rendezvous order puts the new engine first.
+    slug = next(s for s in (f"base-{i}" for i in range(100)) if cluster.preferred(f"slug:{s}") == "extra")
+    assert extra_id in cluster.engine_ids.values()
+    await cluster.api.create_deployment(slug, base_model=pair.shared.served_model_name, auth_mode="none")
+    async with httpx.AsyncClient(timeout=10) as client:  # the deployment reaches both gateways
+        await _obeyed(gateways, time.monotonic(), models_answer(client, slug, "", 200))
+    before = await finished(pair)
+    for i in range(4):
+        assert content(await chat(gateways[i % 2], slug, None))
+    assert delta(await finished(pair), before) == {"extra": 4, "shared": 0}
+
+    disabled: list[float] = []
+    enabled: list[float] = []
+    for _ in range(3):
+        started = time.monotonic()
+        await cluster.set_engine("extra", enabled=False)
+        disabled += await _obeyed(
+            gateways, started, lambda gw: _gauge_equals(gw, "lorry_gateway_engine_up", 0, engine="extra")
+        )
+        await asyncio.sleep(max(0.0, started + BOUND_S - time.monotonic()))
+        before = await finished(pair)
+        for i in range(4):
+            assert content(await chat(gateways[i % 2], slug, None))
+        after = delta(await finished(pair), before)
+        assert after == {"extra": 0, "shared": 4}, after  # one second on: no request reaches it
+        started = time.monotonic()
+        await cluster.set_engine("extra", enabled=True)
+        enabled += await _obeyed(
+            gateways, started, lambda gw: _gauge_equals(gw, "lorry_gateway_engine_up", 1, engine="extra")
+        )
+    before = await finished(pair)
+    assert content(await chat(gateways[0], slug, None))
+    assert delta(await finished(pair), before) == {"extra": 1, "shared": 0}  # traffic is back
+
+    started = time.monotonic()
+    deleted = await cluster.api.client.delete(f"/v1/engines/{extra_id}")
+    assert deleted.status_code == 204
+    removed = await _obeyed(
+        gateways, started, lambda gw: _gauge_equals(gw, "lorry_gateway_engine_up", None, engine="extra")
+    )
+    print(
+        f"\nengine added via the admin API routable on both gateways: {summary(added)}; "
+        f"disabled: {summary(disabled)}; re-enabled: {summary(enabled)}; deleted: {summary(removed)}"
+    )
+    for samples in (added, disabled, enabled, removed):
+        assert max(samples) < BOUND_S
+
+
+async def _gauge_equals(gw: GatewayProcess, name: str, value: float | None, **labels: str) -> bool:
+    return await gateway_gauge(gw, name, **labels) == value
+
+
+# -- client disconnect ----------------------------------------------------------------------------
+
+
+@dataclass
+class Disconnect:
+    received: int
+    events: int
+    rate: float
+    lead_at_close: float  # tokens generated but not received when the client left
+    generated: float
+    stopped_s: float
+
+
+async def _generated(engine: RunningEngine) -> float:
+    return metric_sum(await engine_text(engine), "vllm:generation_tokens_total")
+
+
+async def _disconnect_once(gw: GatewayProcess, engine: RunningEngine, tokens: int) -> Disconnect:
+    before = await _generated(engine)
+    received = events_received = 0
+    # Tokens are counted from logprobs (one entry per token): when its client lags, vLLM merges
+    # several tokens into one event.
+    body = {"messages": MESSAGES, "max_tokens": 2000, "ignore_eos": True, "stream": True, "logprobs": True}
+    url = f"{gw.base_url('long-gen')}/chat/completions"
+    async with httpx.AsyncClient(timeout=120) as client:
+        response = await client.send(client.build_request("POST", url, json=body), stream=True)
+        assert response.status_code == 200
+        started = time.monotonic()
+        buffer = b""
+        async for chunk in response.aiter_raw():
+            buffer += chunk
+            *events, buffer = buffer.split(b"\n\n")
+            for event in events:
+                data = orjson.loads(event[len(b"data: ") :])
+                choices = data.get("choices") or []
+                logprobs = (choices[0].get("logprobs") or {}).get("content") if choices else None
+                if logprobs:
+                    received += len(logprobs)
+                    events_received += 1
+            if received >= tokens:
+                break
+        rate = received / (time.monotonic() - started)
+        # The client leaves (its connection closes now) while the engine's count is read.
+        at_close, _ = await asyncio.gather(_generated(engine), response.aclose())
+    stopped = await until(lambda: _idle(engine), timeout=5, interval=0.02)
+    await asyncio.sleep(1.0)  # anything still generating would show now
+    generated = await _generated(engine) - before
+    return Disconnect(received, events_received, rate, at_close - before - received, generated, stopped)
+
+
+async def test_client_disconnect_stops_generation(cluster: Cluster) -> None:
+    pair = cluster.pair
+    await cluster.register("shared")
+    await cluster.api.create_deployment(
+        "long-gen", base_model=pair.shared.served_model_name, auth_mode="none"
+    )
+    (gw,) = await cluster.start_gateways(1)
+    # The bound (tokens received + 20) presumes a client that keeps up with the engine. On a busy
+    # machine the relay can fall behind (tokens generated but still queued when the client
+    # leaves): such an attempt is reported and repeated, up to five times.
+    attempts: list[Disconnect] = []
+    for _ in range(5):
+        attempt = await _disconnect_once(gw, pair.shared, 200)
+        attempts.append(attempt)
+        print(
+            f"\nclient disconnect after {attempt.received} tokens in {attempt.events} events "
+            f"(streamed at {attempt.rate:.0f} tokens/s, "
+            f"{attempt.lead_at_close:.0f} more generated but not yet received when it left): the engine "
+            f"generated {attempt.generated:.0f} tokens in all; vllm:num_requests_running back to 0 "
+            f"{attempt.stopped_s * 1000:.0f} ms after the client left"
+        )
+        assert attempt.stopped_s < BOUND_S
+        # Whatever the lag: once the client has left, the engine stops within 20 tokens.
+        assert attempt.generated - (attempt.received + attempt.lead_at_close) <= 20
+        if attempt.lead_at_close <= 20:
+            break
+    kept_up = [attempt for attempt in attempts if attempt.lead_at_close <= 20]
+    assert kept_up, f"the client never kept up with the engine: {attempts}"
+    attempt = kept_up[0]
+    assert attempt.received <= attempt.generated <= attempt.received + 20
+
+
+async def _idle(engine: RunningEngine) -> bool:
+    return metric_sum(await engine_text(engine), "vllm:num_requests_running") == 0
+
+
+async def _sum_is(values: Awaitable[dict[str, float]], expected: float) -> bool:
+    return sum((await values).values()) == expected
+
+
+# -- SIGTERM drain ----------------------------------------------------------------------------------
+
+
+@dataclass
+class StreamRecord:
+    index: int
+    max_tokens: int
+    first: asyncio.Event = field(default_factory=asyncio.Event)
+    events: list[bytes] = field(default_factory=list)
+    ended_at: float = 0.0
+    failure: str | None = None
+
+    @property
+    def outcome(self) -> str:
+        if self.events and self.events[-1] == b"data: [DONE]":
+            return "done"
+        if self.events and self.events[-1].startswith(b'data: {"error"'):
+            return "error:" + str(orjson.loads(self.events[-1][6:])["error"]["code"])
+        return f"cut ({self.failure})"
+
+
+async def _record_stream(client: httpx.AsyncClient, gw: GatewayProcess, record: StreamRecord) -> None:
+    body = {"messages": MESSAGES, "max_tokens": record.max_tokens, "ignore_eos": True, "stream": True}
+    parts: list[bytes] = []  # joined once at the end: the client must keep up with the engines
+    try:
+        async with client.stream("POST", f"{gw.base_url('drain')}/chat/completions", json=body) as response:
+            if response.status_code != 200:
+                record.failure = f"HTTP {response.status_code}: {(await response.aread())[:300]!r}"
+                return
+            async for chunk in response.aiter_raw():
+                parts.append(chunk)
+                record.first.set()
+    except httpx.HTTPError as exc:
+        record.failure = type(exc).__name__
+    finally:
+        record.events = [event for event in b"".join(parts).split(b"\n\n") if event]
+        record.ended_at = time.monotonic()
+        record.first.set()
+
+
+async def test_sigterm_drains_streams_then_ends_them_with_an_error_event(cluster: Cluster) -> None:
+    pair = cluster.pair
+    await cluster.register("shared")  # one engine: the other core is left to the gateway and client
+    await cluster.api.create_deployment("drain", base_model=pair.shared.served_model_name, auth_mode="none")
+    deadline_s, grace_s = 4.0, 10.0
+    cluster.settings = cluster.settings.model_copy(update={"shutdown_deadline_s": deadline_s})
+    # The grace after the deadline (before uvicorn cancels what is left) is generous here: on a
+    # busy machine the error events may queue behind tokens the client has not read yet.
+    (gw,) = await cluster.start_gateways(1, LORRY_GATEWAY_SHUTDOWN_GRACE_S=grace_s)
+    # Eighteen streams short enough to finish inside the deadline, two far too long for it (few
+    # long ones: the machine's one spare core must relay them all without falling behind).
+    records = [StreamRecord(i, 20 * (i + 1) if i < 18 else 4000) for i in range(20)]
+    async with httpx.AsyncClient(
+        timeout=httpx.Timeout(60, connect=5), limits=httpx.Limits(max_connections=40)
+    ) as client:
+        tasks = [asyncio.create_task(_record_stream(client, gw, record)) for record in records]
+        await asyncio.wait_for(asyncio.gather(*(record.first.wait() for record in records)), timeout=60)
+        assert not [r.failure for r in records if r.failure], [r.failure for r in records]
+        open_at_signal = [record for record in records if not record.ended_at]
+        signalled = time.monotonic()
+        gw.terminate()
+
+        # While draining: not ready, and new requests are refused.
+        async with httpx.AsyncClient(timeout=30) as probe:
+
+            async def not_ready() -> bool:
+                ready = await probe.get(f"{gw.ops_url}/readyz")
+                return ready.status_code == 503 and ready.json()["status"] == "draining"
+
+            unready_after = await until(not_ready, timeout=30)
+            refused: str
+            try:
+                late = await probe.post(
+                    f"{gw.base_url('drain')}/chat/completions", json={"messages": MESSAGES, "max_tokens": 4}
+                )
+                assert late.status_code == 503 and late.json()["error"]["code"] == "shutting_down", late.text
+                refused = "503 shutting_down"
+            except httpx.ConnectError:
+                refused = "connection refused"
+        await asyncio.gather(*tasks)
+    exit_code = await gw.wait_exit(timeout=deadline_s + grace_s + 10)
+    exited = time.monotonic() - signalled
+    outcomes = [record.outcome for record in records]
+    completed_in_drain = [r for r in open_at_signal if r.outcome == "done"]
+    errors = [outcome for outcome in outcomes if outcome.startswith("error")]
+    last_end = max(record.ended_at for record in records) - signalled
+    running = await until(lambda: _sum_is(engine_gauge(pair, "vllm:num_requests_running"), 0), timeout=5)
+    print(
+        f"\nSIGTERM with {len(open_at_signal)} of 20 streams open (deadline {deadline_s} s): "
+        f"{len(completed_in_drain)} completed during the drain, {len(errors)} ended with an error event "
+        f"({sorted(set(errors))}); last stream ended {last_end:.2f} s after the signal; "
+        f"new request: {refused}; /readyz 503 after {unready_after * 1000:.0f} ms; "
+        f"process exited ({exit_code}) after {exited:.2f} s; "
+        f"engines idle {running * 1000:.0f} ms later"
+    )
+    assert all(outcome == "done" or outcome == "error:shutting_down" for outcome in outcomes), outcomes
+    assert completed_in_drain, outcomes
+    assert errors
+    for record in records:  # an error event only for streams cut short, at the deadline or after
+        if record.outcome != "done":
+            assert record.ended_at - signalled >= deadline_s and _tokens(record) < record.max_tokens
+    # The gateway ends what is left at the deadline; a client slow to read gets the error event
+    # after what is already queued for it, and uvicorn closes whatever remains `grace` later.
+    assert last_end < deadline_s + grace_s + 1.0
+    assert exit_code == 0
+
+
+def _tokens(record: StreamRecord) -> int:
+    return sum(1 for event in record.events if event.startswith(b'data: {"id"') and b'"content"' in event)
+
+
+# -- an engine dies mid-stream and comes back ---------------------------------------------------------
+
+
+async def test_engine_killed_mid_stream_then_restarted(cluster: Cluster, demo_adapters: DemoAdapters) -> None:
+    pair = cluster.pair
+    await cluster.register("shared")
+    await cluster.register("extra")
+    job, _, key = await deployment_for_engine(cluster, demo_adapters, "extra", "survivor")
+    name = engine_name_of(job)
+    gw_a, gw_b = await cluster.start_gateways(2)
+    before = await finished(pair)
+    for gw in (gw_a, gw_b):
+        assert content(await chat(gw, "survivor", key))
+    assert delta(await finished(pair), before) == {"extra": 2, "shared": 0}
+    assert pair.extra.load_count(name) == 1 and pair.shared.load_count(name) == 0
+
+    sdk = openai.AsyncOpenAI(base_url=gw_a.base_url("survivor"), api_key=key, max_retries=0)
+    stream = await sdk.chat.completions.create(
+        model="anything",
+        messages=[{"role": "user", "content": MESSAGES[0]["content"]}],
+        max_tokens=4000,
+        stream=True,
+        extra_body={"ignore_eos": True},
+    )
+    chunks = 0
+    killed = 0.0
+    with pytest.raises(openai.APIError) as raised:
+        async for _chunk in stream:
+            chunks += 1
+            if chunks == 5:  # early: a fast engine may otherwise have sent everything already
+                pair.kill_extra()
+                killed = time.monotonic()
+    # (chunks generated before the kill but not yet read still arrive before the error event)
+    raised_after = time.monotonic() - killed
+    await sdk.close()
+    assert chunks < 4000
+
+    # New requests go to the other engine (the first ones may fail over inside the gateway), while
+    # both gateways take the dead engine out of rotation.
+    before_shared = await finished_on(pair.shared)
+    latencies: list[float] = []
+
+    async def requests() -> None:
+        for i in range(6):
+            started = time.monotonic()
+            assert content(await chat((gw_b, gw_a)[i % 2], "survivor", key))
+            latencies.append(time.monotonic() - started)
+
+    ejected, _ = await asyncio.gather(
+        _obeyed(
+            [gw_a, gw_b], killed, lambda gw: _gauge_equals(gw, "lorry_gateway_engine_up", 0, engine="extra")
+        ),
+        requests(),
+    )
+    assert await finished_on(pair.shared) - before_shared == 6
+    assert pair.shared.load_count(name) == 1
+
+    restart_s = await asyncio.to_thread(pair.restart_extra)
+    healthy = time.monotonic()
+    readmitted = await _obeyed(
+        [gw_a, gw_b], healthy, lambda gw: _gauge_equals(gw, "lorry_gateway_engine_up", 1, engine="extra")
+    )
+    assert pair.extra.load_count(name) == 0  # a new process: it knows no adapter
+    # The adapter now lives on the shared engine; a burst beyond the bound spreads to the restarted
+    # engine, which registers it again on demand — once.
+    before = await finished(pair)
+    burst = await asyncio.gather(
+        *(chat((gw_a, gw_b)[i % 2], "survivor", key, max_tokens=48, ignore_eos=True) for i in range(12))
+    )
+    assert all(response.status_code == 200 for response in burst), [r.text for r in burst]
+    spread = delta(await finished(pair), before)
+    assert spread["extra"] > 0, spread
+    assert pair.extra.load_count(name) == 1
+    print(
+        f"\nengine killed after 5 streamed chunks: the SDK raised {type(raised.value).__name__} "
+        f"{raised_after * 1000:.0f} ms later, after {chunks} chunks in all; next 6 requests served by "
+        f"the other engine "
+        f"(latency {summary(latencies)}); both gateways ejected it: {summary(ejected)} after the kill; "
+        f"restart took {restart_s:.1f} s; re-admitted by both gateways {summary(readmitted)} after it was "
+        f"healthy; burst of 12 afterwards → {spread}, adapter registered again once on the restarted engine"
+    )
