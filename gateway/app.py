@@ -106,6 +106,8 @@ class Gateway:
                 unhealthy_after=opts.unhealthy_after,
                 healthy_after=opts.healthy_after,
                 load_interval_s=opts.load_interval_s,
+                load_timeout_s=opts.load_timeout_s,
+                load_max_age_s=max(10.0, 5 * opts.load_interval_s),
             ),
             on_eject=self._engine_ejected,
             on_readmit=self._engine_readmitted,

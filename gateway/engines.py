@@ -110,6 +110,7 @@ class EngineState:
     ejections: int = 0
     load: EngineLoad = field(default_factory=EngineLoad)
     load_known: bool = False
+    load_at: float = 0.0  # time.monotonic() of the last successful /metrics read
     reconciled: bool = False
 
     def __post_init__(self) -> None:

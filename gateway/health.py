@@ -18,6 +18,7 @@ import contextlib
 import functools
 import logging
 import re
+import time
 from collections.abc import Callable
 from dataclasses import dataclass
 
@@ -87,6 +88,10 @@ class HealthPolicy:
     unhealthy_after: int = 3
     healthy_after: int = 2
     load_interval_s: float = 2.0
+    # Reading /metrics may be slow on a busy engine: its own timeout, and a reading stays in use
+    # until it is this old (a failed read does not erase it at once).
+    load_timeout_s: float = 5.0
+    load_max_age_s: float = 10.0
 
 
 StateHook = Callable[[EngineState], None]
@@ -210,15 +215,17 @@ class HealthMonitor:
     async def scrape(self, state: EngineState) -> None:
         self.scrapes += 1
         try:
-            response = await state.client.get("/metrics", timeout=self.policy.timeout_s)
-            if response.status_code != 200 or len(response.content) > MAX_METRICS_BYTES:
-                state.load_known = False
-                return
-            text = response.text
+            response = await state.client.get("/metrics", timeout=self.policy.load_timeout_s)
+            ok = response.status_code == 200 and len(response.content) <= MAX_METRICS_BYTES
+            text = response.text if ok else ""
         except (httpx.HTTPError, OSError):
-            state.load_known = False
+            ok, text = False, ""
+        if not ok:
+            if time.monotonic() - state.load_at > self.policy.load_max_age_s:
+                state.load_known = False
             return
         state.load = parse_engine_load(text)
+        state.load_at = time.monotonic()
         state.load_known = True
         if self._on_load is not None:
             self._on_load(state)

@@ -62,6 +62,7 @@ class GatewayOptions:
     # renders that page on the event loop that streams its tokens: every replica reading it often
     # slows every stream, so the default is modest (this gateway's own in-flight counts are exact).
     load_interval_s: float = 2.0
+    load_timeout_s: float = 5.0
     # The load bound (DESIGN §8): an engine is over it when its requests (this gateway's in-flight
     # requests, or the engine's own running + waiting count if larger) reach `engine_max_requests`,
     # when `engine_max_waiting` requests queue on it, or when a new adapter would wait behind
@@ -118,6 +119,7 @@ ENV_FIELDS: dict[str, tuple[str, Callable[[str], object]]] = {
     "LORRY_GATEWAY_UNHEALTHY_AFTER": ("unhealthy_after", int),
     "LORRY_GATEWAY_HEALTHY_AFTER": ("healthy_after", int),
     "LORRY_GATEWAY_LOAD_INTERVAL_S": ("load_interval_s", float),
+    "LORRY_GATEWAY_LOAD_TIMEOUT_S": ("load_timeout_s", float),
     "LORRY_GATEWAY_ENGINE_MAX_REQUESTS": ("engine_max_requests", int),
     "LORRY_GATEWAY_ENGINE_MAX_WAITING": ("engine_max_waiting", int),
     "LORRY_GATEWAY_DNS_REFRESH_S": ("dns_refresh_s", float),

@@ -39,7 +39,8 @@ from gateway.upstream import Deadline, OpenStream, read_body, send_request
 logger = logging.getLogger("lorry.gateway.proxy")
 
 ENGINE_PATHS = {Endpoint.CHAT: "/v1/chat/completions", Endpoint.COMPLETIONS: "/v1/completions"}
-_RETRYABLE = (UpstreamUnavailable, UpstreamTimeout)
+# Before the first byte reached the client (everything `forward` does), these may succeed elsewhere.
+_RETRYABLE = (UpstreamUnavailable, UpstreamTimeout, UpstreamConnectionLost)
 
 
 @dataclass(eq=False)

@@ -280,5 +280,10 @@ class OpenStream:
             await send(sse_error_event(error))
 
     async def aclose(self) -> None:
+        """Close the engine's response (and so its connection: vLLM aborts the generation).
+
+        Shielded: a second cancellation (the client left while the relay was already ending) must
+        not interrupt the close half-way and leave the engine generating for nobody.
+        """
         with contextlib.suppress(Exception):
-            await self.response.aclose()
+            await asyncio.shield(self.response.aclose())

@@ -23,6 +23,7 @@ from lorry.settings import LorrySettings
 from tests.conftest import BASE_DOMAIN
 from tests.engines import RunningEngine
 from tests.gateway.admin_api import AdminApi
+from tests.gateway.figures import FIGURES
 from tests.gateway.seed import Seed
 
 FAST_OPTIONS = GatewayOptions(last_used_flush_s=0.25)
@@ -198,3 +199,12 @@ def engine_name_of(job: dict[str, Any]) -> str:
     final = [a for a in job["adapters"] if a["kind"] == "final"]
     assert len(final) == 1, job
     return f"lora-{final[0]['digest'][:16]}"
+
+
+def pytest_terminal_summary(terminalreporter: pytest.TerminalReporter) -> None:
+    """The figures the gateway tests measured (``tests/gateway/figures.py``), shown without ``-s``."""
+    if not FIGURES:
+        return
+    terminalreporter.section("gateway figures")
+    for test, text in FIGURES:
+        terminalreporter.write_line(f"{test}: {text}")

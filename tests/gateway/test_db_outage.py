@@ -18,6 +18,7 @@ from gateway.app import Gateway
 from gateway.key_check import KeyCheckOptions
 from lorry.settings import LorrySettings
 from tests.gateway.conftest import FAST_OPTIONS, MakeGateway, client_for, ops_client
+from tests.gateway.figures import report
 from tests.gateway.seed import Seed
 from tests.gateway.tcp_proxy import tcp_proxy_for
 
@@ -93,10 +94,11 @@ async def test_database_cut_and_return(
         restored_at = time.monotonic()
         recovered = await until_status(gw, "steady", [cached.plaintext, uncached.plaintext], 200, timeout=10)
         caught_up = await until_status(gw, "added-while-cut", [other_key.plaintext], 200, timeout=10)
-    print(
+    report(
+        "test_database_cut_and_return",
         f"\ndatabase cut: uncached key answered 503 in {miss_ms:.0f} ms; cached key worked until "
         f"{expired_at:.2f} s after caching (hard TTL {HARD_TTL_S} s, polled {expired_after * 1000:.0f} ms); "
         f"outage {restored_at - cut_at:.1f} s; recovered {recovered * 1000:.0f} ms after the database "
-        f"returned, change made during the outage served {(recovered + caught_up) * 1000:.0f} ms after"
+        f"returned, change made during the outage served {(recovered + caught_up) * 1000:.0f} ms after",
     )
     assert proxy.accepted >= 2  # the gateway's connections went through the proxy

@@ -29,6 +29,7 @@ from gateway.balancer import rendezvous_score
 from gateway.options import GatewayOptions
 from tests.engines import free_port
 from tests.gateway.conftest import FAST_OPTIONS, MakeGateway, http_server, ops_client
+from tests.gateway.figures import report
 from tests.gateway.processes import metric_value
 from tests.gateway.seed import BASE_MODEL, Seed
 from tests.gateway.standin import StandInEngine, running_standin
@@ -148,7 +149,10 @@ async def test_stall_before_first_byte_is_retried_on_another_engine(
     else:
         assert response.json()["choices"][0]["message"]["content"] == "from b"
     assert (len(a.requests), len(b.requests)) == (1, 1)
-    print(f"\n{mode} (stream={stream}): answered by the other engine after {elapsed * 1000:.0f} ms")
+    report(
+        "test_stall_before_first_byte_is_retried_on_another_engine",
+        f"\n{mode} (stream={stream}): answered by the other engine after {elapsed * 1000:.0f} ms",
+    )
     assert FIRST_BYTE_S <= elapsed < FIRST_BYTE_S + 1.5
     state = gw.pool.get("static:a")
     assert state is not None and state.healthy  # slow is not dead: a stall does not eject
@@ -213,7 +217,10 @@ async def test_fault_after_first_byte_ends_with_error_event_and_is_not_retried(
         await sdk.close()
     assert received == ["from a"]
     assert len(b.requests) == 0  # never retried after the first byte
-    print(f"\n{mode}: error event {code} after {elapsed * 1000:.0f} ms; other engine asked 0 times")
+    report(
+        "test_fault_after_first_byte_ends_with_error_event_and_is_not_retried",
+        f"\n{mode}: error event {code} after {elapsed * 1000:.0f} ms; other engine asked 0 times",
+    )
 
 
 # -- health --------------------------------------------------------------------------------------
@@ -254,9 +261,10 @@ async def test_active_health_checks_eject_and_readmit(
     assert a.health_checks - checks >= 2  # healthy_after
     await until(lambda: a.model_listings > listings, timeout=2)  # what it registered is read again
     assert await ask() == "from a"
-    print(
+    report(
+        "test_active_health_checks_eject_and_readmit",
         f"\nejected {ejected_after * 1000:.0f} ms after /health turned 503 ({failed_checks} checks); "
-        f"re-admitted {readmitted_after * 1000:.0f} ms after it recovered"
+        f"re-admitted {readmitted_after * 1000:.0f} ms after it recovered",
     )
 
 
@@ -286,7 +294,10 @@ async def test_refused_connection_ejects_at_once(
         assert second.status_code == 200
     assert len(b.requests) == 2 and dead.ejections == 1
     elapsed_ms = (time.monotonic() - started) * 1000
-    print(f"\nrefused connection: ejected on first use; the next request answered in {elapsed_ms:.0f} ms")
+    report(
+        "test_refused_connection_ejects_at_once",
+        f"\nrefused connection: ejected on first use; the next request answered in {elapsed_ms:.0f} ms",
+    )
 
 
 # -- DNS -----------------------------------------------------------------------------------------
@@ -329,9 +340,10 @@ async def test_dns_name_expands_to_one_engine_per_address(make_gateway: MakeGate
         assert await ask(slug_1) == "from second"
         assert len(first.requests) == 1
     assert on_loop_thread and not any(on_loop_thread)  # resolved in a worker thread
-    print(
+    report(
+        "test_dns_name_expands_to_one_engine_per_address",
         f"\nDNS: 2 addresses → 2 engines; an address gone from DNS dropped after "
-        f"{dropped_after * 1000:.0f} ms"
+        f"{dropped_after * 1000:.0f} ms",
     )
 
 
@@ -382,9 +394,10 @@ async def test_shutdown_deadline_ends_streams_with_error_event(make_gateway: Mak
     assert waited.status_code == 503 and waited.json()["error"]["code"] == "shutting_down"
     assert 0.5 <= stream_ended < 1.5 and pending_answered < 1.5
     assert engine.cancelled >= 1
-    print(
+    report(
+        "test_shutdown_deadline_ends_streams_with_error_event",
         f"\ndrain deadline 0.5 s: stream ended with an error event after {stream_ended * 1000:.0f} ms, "
-        f"request waiting for its first byte answered 503 after {pending_answered * 1000:.0f} ms"
+        f"request waiting for its first byte answered 503 after {pending_answered * 1000:.0f} ms",
     )
 
 
@@ -440,8 +453,9 @@ async def test_engine_changes_through_admin_api_reach_a_running_gateway(
     await until(lambda: gw.pool.get(engine_id) is None, timeout=2)
     timings["deleted"] = time.monotonic() - started
     assert len(b.requests) == asked_b and len(a.requests) == 1
-    print(
+    report(
+        "test_engine_changes_through_admin_api_reach_a_running_gateway",
         f"\n[{backend}] engine changes seen by a separate gateway: "
-        + ", ".join(f"{name} {value * 1000:.0f} ms" for name, value in timings.items())
+        + ", ".join(f"{name} {value * 1000:.0f} ms" for name, value in timings.items()),
     )
     assert max(timings.values()) < 1.0
