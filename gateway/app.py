@@ -225,6 +225,8 @@ class Gateway:
 
     def untrack_request(self, handle: RequestHandle) -> None:
         self._requests.discard(handle)
+        if self.draining and not self._requests:
+            logger.info("drained: no request in flight")
 
     @property
     def requests_in_flight(self) -> int:

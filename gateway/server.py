@@ -15,33 +15,20 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import copy
 import logging
 import math
 import signal
 from collections.abc import Generator, Sequence
 from dataclasses import dataclass
-from typing import Any
 
 import uvicorn
-import uvicorn.config
 from starlette.types import ASGIApp
 
 from gateway.app import Gateway, create_app
+from lorry.logs import log_config
 from lorry.settings import LorrySettings
 
 logger = logging.getLogger("lorry.gateway.server")
-
-
-def _stderr_log_config() -> dict[str, Any]:
-    """uvicorn's logging with its access log on stderr too (uvicorn's default is stdout): stdout
-    belongs to the commands (``lorry up`` prints its five lines there and nothing else)."""
-    config: dict[str, Any] = copy.deepcopy(uvicorn.config.LOGGING_CONFIG)
-    config["handlers"]["access"]["stream"] = "ext://sys.stderr"
-    return config
-
-
-LOG_CONFIG = _stderr_log_config()
 
 
 class _Server(uvicorn.Server):
@@ -73,7 +60,7 @@ def _config(
         loop="none",
         lifespan=lifespan,  # type: ignore[arg-type]
         log_level=settings.log_level,
-        log_config=LOG_CONFIG,
+        log_config=log_config(settings.log_level),
         server_header=False,
         date_header=True,
         timeout_graceful_shutdown=max(1, math.ceil(settings.shutdown_deadline_s + grace_s)),
@@ -114,10 +101,12 @@ async def serve(
 
     async def on_stop() -> None:
         await stop_event.wait()
-        logger.info("stopping: draining for up to %.0f s", settings.shutdown_deadline_s)
+        logger.info("stopping: draining for up to %.1f s", settings.shutdown_deadline_s)
+        signalled = loop.time()
         gw.begin_drain(settings.shutdown_deadline_s)
         data.should_exit = True
         await asyncio.gather(tasks[0], return_exceptions=True)
+        logger.info("stopped serving requests %.2f s after the signal", loop.time() - signalled)
         for server in servers[1:]:
             server.should_exit = True
 

@@ -11,6 +11,8 @@ from dataclasses import dataclass
 import uvicorn
 from starlette.types import ASGIApp
 
+from lorry.logs import log_config
+
 
 class _Server(uvicorn.Server):
     """uvicorn's server minus its own signal capture: `serve_all` owns the signals."""
@@ -37,6 +39,7 @@ def _config(listener: Listener, log_level: str) -> uvicorn.Config:
         http="httptools",
         lifespan="on",
         log_level=log_level,
+        log_config=log_config(log_level),
         access_log=False,
         server_header=False,
         # Streams are long-lived; the shutdown deadline, not uvicorn, bounds them.
