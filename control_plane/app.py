@@ -16,13 +16,13 @@ from control_plane.audit.router import router as audit_router
 from control_plane.bootstrap import ensure_bootstrapped
 from control_plane.context import AppContext
 from control_plane.deployments.router import router as deployments_router
-from control_plane.engines.catalog import static_engines
 from control_plane.engines.router import router as engines_router
 from control_plane.jobs.router import router as jobs_router
 from control_plane.principal import AdminTokenVerifier
 from control_plane.tenancy.router import router as tenancy_router
 from lorry import __version__, migrate
 from lorry.db.engine import create_engine, create_sessionmaker
+from lorry.engine_spec import static_engines
 from lorry.settings import LorrySettings
 
 logger = logging.getLogger("lorry.control_plane")

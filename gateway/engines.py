@@ -25,6 +25,8 @@ import httpx
 
 from gateway.snapshot import EngineView
 
+KEEPALIVE_EXPIRY_S = 2.0
+
 
 @dataclass(frozen=True, slots=True)
 class UpstreamTimeouts:
@@ -111,6 +113,9 @@ class EngineState:
     load: EngineLoad = field(default_factory=EngineLoad)
     load_known: bool = False
     load_at: float = 0.0  # time.monotonic() of the last successful /metrics read
+    # time.monotonic() when the engine last sent this gateway an answer's bytes: proof of life a
+    # health check that times out on a busy engine cannot outweigh.
+    answered_at: float = 0.0
     reconciled: bool = False
 
     def __post_init__(self) -> None:
@@ -190,6 +195,9 @@ class EnginePool:
             limits=httpx.Limits(
                 max_connections=self._max_connections,
                 max_keepalive_connections=min(64, self._max_connections),
+                # Below the engine's own idle timeout (vLLM's VLLM_HTTP_TIMEOUT_KEEP_ALIVE, 5 s):
+                # at equal timeouts the engine closes a connection just as it is reused.
+                keepalive_expiry=KEEPALIVE_EXPIRY_S,
             ),
             trust_env=False,  # never an HTTP(S)_PROXY from the environment between gateway and engine
             follow_redirects=False,

@@ -173,6 +173,12 @@ class HealthMonitor:
             response = await state.client.get("/health", timeout=self.policy.timeout_s)
             ok = response.status_code == 200
             await response.aclose()
+        except httpx.TimeoutException:
+            # vLLM answers /health on the event loop that streams its tokens: a busy engine can
+            # be slow to answer. Slow is not dead while it is sending this gateway answers.
+            if time.monotonic() - state.answered_at < self.policy.timeout_s + self.policy.interval_s:
+                return
+            ok = False
         except (httpx.HTTPError, OSError):
             ok = False
         if ok:

@@ -117,9 +117,10 @@ class Proxy:
             except _RETRYABLE as exc:
                 self.failed(state, exc)
                 logger.info(
-                    "engine %s failed before the first byte (%s); %s",
+                    "engine %s failed before the first byte (%s%s); %s",
                     state.name,
                     exc.code,
+                    f": {type(exc.__cause__).__name__}" if exc.__cause__ is not None else "",
                     "trying the next" if state is not tried[-1] else "no engine left",
                 )
                 error = exc

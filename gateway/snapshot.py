@@ -14,10 +14,10 @@ from typing import Any
 from sqlalchemy import Row, select
 from sqlalchemy.ext.asyncio import AsyncConnection
 
+from lorry import engine_spec
 from lorry.db.models import Adapter, ChangeCounter, Deployment, Engine, Job
 from lorry.settings import LorrySettings
 
-STATIC_ID_PREFIX = "static:"
 ADAPTER_NAME_PREFIX = "lora-"
 
 
@@ -227,43 +227,11 @@ async def load_deployment_ids_for_jobs(conn: AsyncConnection, job_ids: Sequence[
 
 
 def static_engines(settings: LorrySettings) -> list[EngineView]:
-    """Engines from ``LORRY_ENGINES``, as the control plane's catalogue reads them.
-
-    A copy of the few lines the gateway needs (it must not import ``control_plane``); the control
-    plane validates the same list strictly at its start.
-    """
-    engines = []
-    for index, raw in enumerate(settings.engines):
-        if not isinstance(raw, Mapping):
-            raise ValueError(f"LORRY_ENGINES[{index}] is not an object")
-
-        def pick(*names: str, default: Any = None, _raw: Mapping[str, Any] = raw) -> Any:
-            for name in names:
-                if name in _raw and _raw[name] is not None:
-                    return _raw[name]
-            return default
-
-        name, url, base_model = pick("name"), pick("url"), pick("baseModel", "base_model")
-        if not (isinstance(name, str) and isinstance(url, str) and isinstance(base_model, str)):
-            raise ValueError(f"LORRY_ENGINES[{index}] needs name, url and baseModel strings")
-        root = pick("adapterRoot", "adapter_root", default="") or settings.adapter_store.resolve().as_posix()
-        engines.append(
-            EngineView(
-                id=f"{STATIC_ID_PREFIX}{name}",
-                name=name,
-                url=url.rstrip("/"),
-                base_model=base_model,
-                served_model_name=pick("servedModelName", "served_model_name", default="") or base_model,
-                adapter_root=str(root),
-                max_loras=int(pick("maxLoras", "max_loras", default=4)),
-                max_cpu_loras=pick("maxCpuLoras", "max_cpu_loras"),
-                max_lora_rank=int(pick("maxLoraRank", "max_lora_rank", default=16)),
-                enabled=bool(pick("enabled", default=True)),
-                api_key=pick("apiKey", "api_key"),
-                source="static",
-            )
-        )
-    return engines
+    """Engines from ``LORRY_ENGINES``, read and checked as the control plane reads them."""
+    # (the spec's dump leaves the API key out: it is never shown)
+    return [
+        EngineView(**spec.model_dump(), api_key=spec.api_key) for spec in engine_spec.static_engines(settings)
+    ]
 
 
 async def load_engines(conn: AsyncConnection, settings: LorrySettings) -> list[EngineView]:

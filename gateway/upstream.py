@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import logging
 import time
 from collections.abc import AsyncIterator, Awaitable, Callable
 from dataclasses import dataclass, field
@@ -31,6 +32,8 @@ from gateway.errors import (
     sse_error_event,
 )
 from gateway.responses import SSEBuffer, StreamProtocolError, StreamRewriter
+
+logger = logging.getLogger("lorry.gateway.proxy")
 
 SSE_HEADERS = {
     "content-type": "text/event-stream; charset=utf-8",
@@ -66,17 +69,30 @@ async def send_request(
         content=body,
         headers={"content-type": "application/json", "x-request-id": request_id},
     )
-    try:
-        async with asyncio.timeout(deadline.first_byte()):
-            return await state.client.send(request, stream=True)
-    except TimeoutError:
-        raise UpstreamTimeout() from None
-    except httpx.ConnectError as exc:
-        if connection_refused(exc):
-            raise EngineUnreachable() from exc
-        raise UpstreamUnavailable() from exc
-    except httpx.TransportError as exc:  # connect timeout, or the connection broke before headers
-        raise UpstreamUnavailable() from exc
+    for attempt in (1, 2):
+        try:
+            async with asyncio.timeout(deadline.first_byte()):
+                response = await state.client.send(request, stream=True)
+            state.answered_at = time.monotonic()
+            return response
+        except TimeoutError:
+            raise UpstreamTimeout() from None
+        except httpx.ConnectError as exc:
+            if connection_refused(exc):
+                raise EngineUnreachable() from exc
+            raise UpstreamUnavailable() from exc
+        except (httpx.RemoteProtocolError, httpx.ReadError, httpx.WriteError) as exc:
+            # The connection broke before the answer began: most often a kept-alive connection
+            # the engine closed as it was reused. Once more, on a new connection.
+            if attempt == 1:
+                logger.info(
+                    "engine %s: connection broke before its answer (%r); sending again", state.name, exc
+                )
+                continue
+            raise UpstreamUnavailable() from exc
+        except httpx.TransportError as exc:  # a connect or pool timeout
+            raise UpstreamUnavailable() from exc
+    raise AssertionError("unreachable")
 
 
 def connection_refused(exc: BaseException) -> bool:
@@ -229,7 +245,9 @@ class OpenStream:
         try:
             async with asyncio.timeout(self.deadline.idle()) as scope:
                 self._read_scope = scope
-                return await anext(self.chunks)
+                chunk = await anext(self.chunks)
+            self.state.answered_at = time.monotonic()
+            return chunk
         except StopAsyncIteration:
             return None
         except TimeoutError:

@@ -16,9 +16,10 @@ from sqlalchemy.ext.asyncio import AsyncSession, async_sessionmaker
 
 from control_plane.app import create_app
 from control_plane.bootstrap import admin_token_row
-from control_plane.engines.catalog import all_engines, static_engines
+from control_plane.engines.catalog import all_engines
 from lorry import keys
 from lorry.db.models import AuditEvent, ChangeLogEntry, Deployment, Engine, Organization, Project
+from lorry.engine_spec import static_engines
 from lorry.settings import LorrySettings
 from tests.conftest import RowCounter, client_for
 

@@ -26,11 +26,12 @@ from control_plane.deployments.schemas import (
     UpdateDeploymentRequest,
 )
 from control_plane.deployments.slugs import check_slug
-from control_plane.engines.catalog import EngineSpec, all_engines, can_serve
+from control_plane.engines.catalog import all_engines, can_serve
 from control_plane.scope import ProjectScope
 from lorry.changefeed import ChangeKind, append_change
 from lorry.db.models import Adapter, Deployment, DeploymentKey, Job
 from lorry.db.types import is_id, utcnow
+from lorry.engine_spec import EngineSpec
 from lorry.errors import Conflict, InvalidRequest, NotFound
 from lorry.settings import LorrySettings
 

@@ -8,7 +8,8 @@ from pydantic import Field, StrictBool, StrictInt, StrictStr, field_validator, m
 from pydantic.alias_generators import to_camel
 from pydantic.json_schema import SkipJsonSchema
 
-from control_plane.engines.catalog import (
+from control_plane.schemas import RequestModel, ResponseModel, Timestamp
+from lorry.engine_spec import (
     MAX_PATH_LENGTH,
     MAX_URL_LENGTH,
     NAME_PATTERN,
@@ -17,7 +18,6 @@ from control_plane.engines.catalog import (
     normalise_adapter_root,
     normalise_engine_url,
 )
-from control_plane.schemas import RequestModel, ResponseModel, Timestamp
 
 # vLLM's --max-lora-rank tops out at 512; the bounds on counts keep values inside a 32-bit column.
 MAX_LORA_RANK = 512

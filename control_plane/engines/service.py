@@ -9,18 +9,18 @@ from sqlalchemy.exc import IntegrityError
 from sqlalchemy.ext.asyncio import AsyncSession
 
 from control_plane import audit_log
-from control_plane.engines.catalog import (
+from control_plane.engines.schemas import EngineCreate, EngineOut, EngineUpdate
+from control_plane.principal import Principal
+from lorry.changefeed import ChangeKind, append_change
+from lorry.db.models import Engine
+from lorry.db.types import is_id, utcnow
+from lorry.engine_spec import (
     STATIC_ID_PREFIX,
     EngineSpec,
     check_lora_capacity,
     default_adapter_root,
     static_engines,
 )
-from control_plane.engines.schemas import EngineCreate, EngineOut, EngineUpdate
-from control_plane.principal import Principal
-from lorry.changefeed import ChangeKind, append_change
-from lorry.db.models import Engine
-from lorry.db.types import is_id, utcnow
 from lorry.errors import Conflict, InvalidRequest, NotFound
 from lorry.settings import LorrySettings
 

@@ -15,7 +15,7 @@ from urllib.parse import urlsplit
 import jsonschema  # type: ignore[import-untyped]
 import pytest
 
-from control_plane.engines.catalog import static_engines
+from lorry.engine_spec import static_engines
 from lorry.settings import LorrySettings
 from tests.deploy import support
 from tests.deploy.support import (

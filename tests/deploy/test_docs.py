@@ -8,6 +8,7 @@ from pathlib import Path
 
 import pytest
 
+from gateway.options import ENV_FIELDS, GatewayOptions
 from lorry.settings import LorrySettings
 from tests.deploy import support
 from tests.deploy.support import REPO
@@ -77,7 +78,7 @@ def test_the_guide_shows_the_commands_operators_need() -> None:
 
 
 def test_every_lorry_variable_in_the_docs_is_a_setting() -> None:
-    fields = {f"LORRY_{name.upper()}" for name in LorrySettings.model_fields}
+    fields = {f"LORRY_{name.upper()}" for name in LorrySettings.model_fields} | set(ENV_FIELDS)
     for path in DOCS:
         named = set(re.findall(r"\bLORRY_[A-Z0-9_]+\b", path.read_text(encoding="utf-8")))
         assert named - fields - NOT_SETTINGS == set(), f"{path.name}: {named - fields - NOT_SETTINGS}"
@@ -89,3 +90,16 @@ def test_the_settings_reference_lists_every_setting() -> None:
     listed = set(re.findall(r"^\| `(LORRY_[A-Z0-9_]+)`", reference, flags=re.M))
     fields = {f"LORRY_{name.upper()}" for name in LorrySettings.model_fields}
     assert fields - listed == set(), f"add to docs/operator-guide.md §11: {sorted(fields - listed)}"
+
+
+def test_the_gateway_tunables_are_listed_with_their_defaults() -> None:
+    text = GUIDE.read_text(encoding="utf-8")
+    section = text[text.index("### Gateway tunables") :]
+    rows = dict(re.findall(r"^\| `(LORRY_GATEWAY_[A-Z0-9_]+)` \| ([^|]+) \|", section, flags=re.M))
+    assert set(rows) == set(ENV_FIELDS), f"docs/operator-guide.md: {set(rows) ^ set(ENV_FIELDS)}"
+    options = GatewayOptions()
+    for name, (target, caster) in ENV_FIELDS.items():
+        value: object = options
+        for part in target.split("."):
+            value = getattr(value, part)
+        assert caster(rows[name].strip().strip("`")) == value, (name, rows[name], value)

@@ -13,7 +13,7 @@ import kubernetes_validate  # type: ignore[import-untyped]
 import pytest
 import yaml
 
-from control_plane.engines.catalog import static_engines
+from lorry.engine_spec import static_engines
 from lorry.settings import LorrySettings
 from tests.deploy import support
 

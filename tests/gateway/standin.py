@@ -29,6 +29,7 @@ class StandInEngine:
         self.name = name
         self.mode = "ok"
         self.health_status = 200
+        self.health_stalls = False  # /health answers only when released (a busy engine's loop)
         self.long_chunks = long_chunks
         self.chunk_interval_s = chunk_interval_s
         self.requests: list[dict[str, Any]] = []
@@ -53,6 +54,8 @@ class StandInEngine:
 
     async def health(self, _request: Request) -> Response:
         self.health_checks += 1
+        if self.health_stalls:
+            await self._stall()
         return Response(status_code=self.health_status)
 
     async def metrics(self, _request: Request) -> Response:

@@ -13,10 +13,11 @@ The same behaviours against real engines and real gateway processes: ``test_scal
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import dataclasses
 import threading
 import time
-from collections.abc import AsyncIterator, Awaitable, Callable
+from collections.abc import AsyncIterator
 from typing import Any
 
 import httpx
@@ -33,6 +34,7 @@ from tests.gateway.figures import report
 from tests.gateway.processes import metric_value
 from tests.gateway.seed import BASE_MODEL, Seed
 from tests.gateway.standin import StandInEngine, running_standin
+from tests.support.polling import until
 
 FIRST_BYTE_S = 0.6
 IDLE_S = 0.6
@@ -83,19 +85,6 @@ def error_of(event: bytes) -> dict[str, Any]:
     assert event.startswith(b"data: "), event
     error: dict[str, Any] = orjson.loads(event[len(b"data: ") :])["error"]
     return error
-
-
-async def until(check: Callable[[], bool | Awaitable[bool]], timeout: float = 5.0) -> float:
-    started = time.monotonic()
-    while True:
-        value = check()
-        if not isinstance(value, bool):
-            value = await value
-        if value:
-            return time.monotonic() - started
-        if time.monotonic() - started > timeout:
-            raise AssertionError(f"not observed within {timeout} s")
-        await asyncio.sleep(0.01)
 
 
 @pytest.fixture
@@ -265,6 +254,32 @@ async def test_active_health_checks_eject_and_readmit(
         "test_active_health_checks_eject_and_readmit",
         f"\nejected {ejected_after * 1000:.0f} ms after /health turned 503 ({failed_checks} checks); "
         f"re-admitted {readmitted_after * 1000:.0f} ms after it recovered",
+    )
+
+
+async def test_slow_health_checks_do_not_eject_an_engine_that_is_streaming(
+    make_gateway: MakeGateway, seed: Seed, two_standins: tuple[StandInEngine, StandInEngine, str, str]
+) -> None:
+    a, _, url_a, url_b = two_standins
+    a.long_chunks, a.chunk_interval_s = 50, 0.05  # a 2.5 s stream
+    gw = await two_engine_gateway(make_gateway, (url_a, url_b))
+    slug = slug_preferring(gw, "a", "busy")
+    await open_deployment(seed, gw, slug)
+    state = gw.pool.get("static:a")
+    assert state is not None
+    a.health_stalls = True  # every check now times out (health_timeout_s 0.5 s)
+    async with http_server(gw.app) as url, httpx.AsyncClient(timeout=10) as client:
+        response = await client.post(f"{url}/d/{slug}/v1/chat/completions", json=body("mode:long"))
+    assert response.status_code == 200 and parse_events(response.content)[-1] == b"data: [DONE]"
+    assert b"from a" in response.content
+    assert state.healthy and state.ejections == 0  # 2.5 s of timed-out checks while it answered
+    ejected_after = await until(lambda: not state.healthy, timeout=5)  # silent and slow: ejected
+    a.health_stalls = False
+    a.release.set()
+    report(
+        "test_slow_health_checks_do_not_eject_an_engine_that_is_streaming",
+        f"\n/health timing out: kept while streaming (2.5 s); ejected {ejected_after * 1000:.0f} ms "
+        "after the stream ended",
     )
 
 
@@ -459,3 +474,97 @@ async def test_engine_changes_through_admin_api_reach_a_running_gateway(
         + ", ".join(f"{name} {value * 1000:.0f} ms" for name, value in timings.items()),
     )
     assert max(timings.values()) < 1.0
+
+
+# -- a connection that breaks before the answer -----------------------------------------------------
+
+
+class DroppingEngine:
+    """A minimal HTTP/1.1 engine that closes the connection, without a word, on the first
+    ``drops`` chat requests it reads (what a kept-alive connection closed by the engine as the
+    gateway reuses it looks like); it answers everything else."""
+
+    def __init__(self, drops: int) -> None:
+        self.drops = drops
+        self.chats = 0
+        self.connections = 0
+
+    async def handle(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        self.connections += 1
+        try:
+            while True:
+                head = await reader.readuntil(b"\r\n\r\n")
+                request_line, *header_lines = head.decode("latin-1").split("\r\n")
+                headers = dict(line.split(": ", 1) for line in header_lines if ": " in line)
+                await reader.readexactly(
+                    int(headers.get("content-length", headers.get("Content-Length", "0")))
+                )
+                path = request_line.split(" ")[1]
+                if path == "/v1/chat/completions":
+                    self.chats += 1
+                    if self.drops > 0:
+                        self.drops -= 1
+                        return
+                    payload = orjson.dumps(
+                        {
+                            "id": "chatcmpl-dropping",
+                            "object": "chat.completion",
+                            "created": 1,
+                            "model": BASE_MODEL,
+                            "choices": [
+                                {
+                                    "index": 0,
+                                    "message": {"role": "assistant", "content": "from dropping"},
+                                    "finish_reason": "stop",
+                                }
+                            ],
+                        }
+                    )
+                elif path == "/v1/models":
+                    payload = orjson.dumps(
+                        {"object": "list", "data": [{"id": BASE_MODEL, "object": "model"}]}
+                    )
+                else:
+                    payload = b""
+                writer.write(
+                    b"HTTP/1.1 200 OK\r\ncontent-type: application/json\r\n"
+                    + f"content-length: {len(payload)}\r\n\r\n".encode()
+                    + payload
+                )
+                await writer.drain()
+        except (asyncio.IncompleteReadError, ConnectionError):
+            pass
+        finally:
+            writer.close()
+
+
+@contextlib.asynccontextmanager
+async def dropping_engine(drops: int) -> AsyncIterator[tuple[DroppingEngine, str]]:
+    engine = DroppingEngine(drops)
+    server = await asyncio.start_server(engine.handle, "127.0.0.1", 0)
+    port = server.sockets[0].getsockname()[1]
+    try:
+        yield engine, f"http://127.0.0.1:{port}"
+    finally:
+        server.close()
+
+
+@pytest.mark.parametrize(("drops", "status"), [(1, 200), (2, 503)])
+async def test_connection_broken_before_the_answer_is_sent_again_once(
+    make_gateway: MakeGateway, seed: Seed, drops: int, status: int
+) -> None:
+    async with dropping_engine(drops) as (engine, engine_url):
+        gw = await make_gateway(
+            options=HEALTH, update={"path_routing": True, "engines": [static_engine("solo", engine_url)]}
+        )
+        await open_deployment(seed, gw, "dropped")
+        async with http_server(gw.app) as url, httpx.AsyncClient(timeout=10) as client:
+            response = await client.post(f"{url}/d/dropped/v1/chat/completions", json=body(stream=False))
+        assert response.status_code == status, response.text
+        if status == 200:
+            assert response.json()["choices"][0]["message"]["content"] == "from dropping"
+        else:
+            assert response.json()["error"]["code"] == "upstream_unavailable"
+        assert engine.chats == 2  # sent again once, never more
+        state = gw.pool.get("static:solo")
+        assert state is not None and state.healthy  # a broken connection is not a dead engine

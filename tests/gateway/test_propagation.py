@@ -7,9 +7,8 @@ or the poll alone on SQLite. Each bound is measured and printed.
 
 from __future__ import annotations
 
-import asyncio
 import time
-from collections.abc import Awaitable, Callable
+from collections.abc import Awaitable
 
 import asyncpg
 import httpx
@@ -22,19 +21,9 @@ from lorry.db.models import ChangeLogEntry
 from tests.gateway.admin_api import AdminApi
 from tests.gateway.conftest import MakeGateway, client_for
 from tests.support.databases import PG_ADMIN_DSN
+from tests.support.polling import until
 
 BOUND_S = 1.0
-
-
-async def until(check: Callable[[], Awaitable[bool]], timeout: float = 5.0) -> float:
-    """Seconds until ``check()`` holds (polled every 10 ms); fails after ``timeout``."""
-    started = time.monotonic()
-    while True:
-        if await check():
-            return time.monotonic() - started
-        if time.monotonic() - started > timeout:
-            raise AssertionError(f"not observed within {timeout} s")
-        await asyncio.sleep(0.01)
 
 
 async def status(gw: Gateway, slug: str, key: str | None) -> int:

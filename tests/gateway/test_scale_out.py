@@ -40,6 +40,7 @@ from tests.gateway.conftest import DemoAdapters, engine_name_of
 from tests.gateway.figures import report
 from tests.gateway.processes import GatewayProcess, metric_sum, metric_value, start_gateway
 from tests.support.databases import PG_ADMIN_DSN
+from tests.support.polling import until
 
 pytestmark = pytest.mark.vllm
 
@@ -241,16 +242,6 @@ async def gateway_gauge(gw: GatewayProcess, name: str, **labels: str) -> float |
     return metric_value(await gw.metrics(), name, **labels)
 
 
-async def until(check: Callable[[], Awaitable[bool]], timeout: float = 10.0, interval: float = 0.01) -> float:
-    started = time.monotonic()
-    while True:
-        if await check():
-            return time.monotonic() - started
-        if time.monotonic() - started > timeout:
-            raise AssertionError(f"not observed within {timeout} s")
-        await asyncio.sleep(interval)
-
-
 def summary(samples: list[float]) -> str:
     return (
         f"p50 {statistics.median(samples) * 1000:.0f} ms, max {max(samples) * 1000:.0f} ms (n={len(samples)})"
@@ -271,6 +262,18 @@ async def deployment_for_engine(
     raise AssertionError("no variant preferred the engine")
 
 
+async def adapter_homed_on_extra(
+    cluster: Cluster, demo_adapters: DemoAdapters, slug: str
+) -> tuple[str, str, GatewayProcess, GatewayProcess]:
+    """Both engines registered, a deployment whose adapter prefers the extra engine, two gateways;
+    (the adapter's name on the engines, its key, gateway A, gateway B)."""
+    await cluster.register("shared")
+    await cluster.register("extra")
+    job, _, key = await deployment_for_engine(cluster, demo_adapters, "extra", slug)
+    gw_a, gw_b = await cluster.start_gateways(2)
+    return engine_name_of(job), key, gw_a, gw_b
+
+
 # -- affinity and the load bound ------------------------------------------------------------------
 
 
@@ -278,11 +281,7 @@ async def test_affinity_stays_under_the_bound_and_spreads_beyond_it(
     cluster: Cluster, demo_adapters: DemoAdapters
 ) -> None:
     pair = cluster.pair
-    await cluster.register("shared")
-    await cluster.register("extra")
-    job, _, key = await deployment_for_engine(cluster, demo_adapters, "extra", "affine")
-    name = engine_name_of(job)
-    gw_a, gw_b = await cluster.start_gateways(2)
+    name, key, gw_a, gw_b = await adapter_homed_on_extra(cluster, demo_adapters, "affine")
     home, away = "extra", "shared"
     assert (pair.get(home).load_count(name), pair.get(away).load_count(name)) == (0, 0)
 
@@ -892,11 +891,7 @@ def _drain_log(text: str) -> dict[str, float]:
 
 async def test_engine_killed_mid_stream_then_restarted(cluster: Cluster, demo_adapters: DemoAdapters) -> None:
     pair = cluster.pair
-    await cluster.register("shared")
-    await cluster.register("extra")
-    job, _, key = await deployment_for_engine(cluster, demo_adapters, "extra", "survivor")
-    name = engine_name_of(job)
-    gw_a, gw_b = await cluster.start_gateways(2)
+    name, key, gw_a, gw_b = await adapter_homed_on_extra(cluster, demo_adapters, "survivor")
     before = await finished(pair)
     for gw in (gw_a, gw_b):
         assert content(await chat(gw, "survivor", key))
