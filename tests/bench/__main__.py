@@ -50,7 +50,7 @@ async def gateway_cost(workdir: Path, seconds: float) -> None:
         for label, request, concurrency in (
             ("non-streamed", answer(MOCK_MODEL), 8),
             ("non-streamed", answer(MOCK_MODEL), 32),
-            (f"streamed, {CHUNKS + 3} events", first_byte(MOCK_MODEL, long=True), 16),
+            (f"streamed ({CHUNKS + 3} events; latency = first byte)", first_byte(MOCK_MODEL, long=True), 16),
         ):
             result = await load(stack, request, concurrency=concurrency, seconds=seconds)
             line(

@@ -40,7 +40,7 @@ class Stack:
 
 async def seed(settings: LorrySettings, upstream: str, model: str) -> str:
     """One engine, one base-model deployment and one key; returns the key's plaintext."""
-    migrate.upgrade(settings.database_url)
+    await asyncio.to_thread(migrate.upgrade, settings.database_url)
     engine = create_engine(settings.database_url)
     try:
         rows = Seed(create_sessionmaker(engine))
