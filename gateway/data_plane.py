@@ -302,8 +302,10 @@ class DataPlane:
                 await watcher
             worker.result()
             return
+        left = time.monotonic()
         worker.cancel()
         await asyncio.gather(worker, return_exceptions=True)
+        logger.debug("client left; its engine request closed %.1f ms later", (time.monotonic() - left) * 1000)
         raise ClientGone()
 
     async def _generate(
