@@ -18,25 +18,17 @@ import contextlib
 import logging
 import math
 import signal
-from collections.abc import Generator, Sequence
+from collections.abc import Sequence
 from dataclasses import dataclass
 
 import uvicorn
 from starlette.types import ASGIApp
 
 from gateway.app import Gateway, create_app
-from lorry.logs import log_config
+from lorry.serving import QuietServer, uvicorn_config
 from lorry.settings import LorrySettings
 
 logger = logging.getLogger("lorry.gateway.server")
-
-
-class _Server(uvicorn.Server):
-    """A uvicorn server that leaves signal handling to :func:`serve` (several run in one loop)."""
-
-    @contextlib.contextmanager
-    def capture_signals(self) -> Generator[None, None, None]:
-        yield
 
 
 @dataclass(frozen=True, slots=True)
@@ -52,19 +44,9 @@ class ExtraServer:
 def _config(
     app: ASGIApp, host: str, port: int, *, lifespan: str, settings: LorrySettings, grace_s: float = 3.0
 ) -> uvicorn.Config:
-    return uvicorn.Config(
-        app,
-        host=host,
-        port=port,
-        http="httptools",
-        loop="none",
-        lifespan=lifespan,  # type: ignore[arg-type]
-        log_level=settings.log_level,
-        log_config=log_config(settings.log_level),
-        server_header=False,
-        date_header=True,
-        timeout_graceful_shutdown=max(1, math.ceil(settings.shutdown_deadline_s + grace_s)),
-        timeout_keep_alive=5,
+    graceful = max(1, math.ceil(settings.shutdown_deadline_s + grace_s))
+    return uvicorn_config(
+        app, host, port, log_level=settings.log_level, lifespan=lifespan, graceful_timeout_s=graceful
     )
 
 
@@ -83,9 +65,11 @@ async def serve(
     """Serve until a signal (or ``stop`` is set); the data app's lifespan starts the gateway."""
     gw = gateway if gateway is not None else create_app(settings)
     grace = gw.options.shutdown_grace_s
-    data = _Server(_config(gw.app, host, port, lifespan="on", settings=settings, grace_s=grace))
-    ops = _Server(_config(gw.ops_app, ops_host or host, ops_port, lifespan="off", settings=settings))
-    others = [_Server(_config(e.app, e.host, e.port, lifespan=e.lifespan, settings=settings)) for e in extra]
+    data = QuietServer(_config(gw.app, host, port, lifespan="on", settings=settings, grace_s=grace))
+    ops = QuietServer(_config(gw.ops_app, ops_host or host, ops_port, lifespan="off", settings=settings))
+    others = [
+        QuietServer(_config(e.app, e.host, e.port, lifespan=e.lifespan, settings=settings)) for e in extra
+    ]
     stop_event = stop if stop is not None else asyncio.Event()
 
     loop = asyncio.get_running_loop()

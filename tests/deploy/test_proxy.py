@@ -24,6 +24,7 @@ from typing import Any
 import httpx
 import pytest
 
+from lorry.serving import KEEP_ALIVE_S
 from lorry.settings import LorrySettings
 from tests.deploy import support
 from tests.deploy.support import PROXY_TEMPLATE, Directive, effective, environment_of
@@ -125,6 +126,16 @@ def test_read_timeout_covers_the_gateway_timeouts(
         assert seconds >= first_byte, f"proxy_read_timeout {seconds}s < first-byte timeout {first_byte}s"
         (send,) = effective(location, "proxy_send_timeout")
         assert support.nginx_seconds(send[0]) >= idle
+
+
+def test_nginx_closes_idle_upstream_connections_before_lorry_does(config: Directive) -> None:
+    """A server closing an idle connection as the proxy reuses it for a POST gives the client a 502
+    (nginx does not retry a non-idempotent request), so nginx must give up idle ones first."""
+    upstreams = [child for child in config.walk() if child.name == "upstream"]
+    assert {upstream.args[0] for upstream in upstreams} == {"lorry_gateway", "lorry_control_plane"}
+    for upstream in upstreams:
+        (timeout,) = upstream.children("keepalive_timeout")
+        assert support.nginx_seconds(timeout.args[0]) < KEEP_ALIVE_S, upstream.args[0]
 
 
 def test_hosts_route_to_the_right_upstream(config: Directive, proxy_env: dict[str, str]) -> None:
