@@ -24,6 +24,7 @@ import orjson
 from starlette.types import Message, Receive, Scope, Send
 
 from gateway import hosts, request_policy
+from gateway.client_address import client_address, trusted_networks
 from gateway.errors import (
     DeploymentNotFound,
     GatewayError,
@@ -104,6 +105,7 @@ class DataPlane:
         self.max_body_bytes = settings.max_body_bytes
         self.cors_origins = frozenset(settings.cors_origins)
         self.passthrough = frozenset(settings.passthrough_fields)
+        self.trusted_proxies = trusted_networks(settings.trusted_proxies)
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         if scope["type"] == "http":
@@ -217,8 +219,7 @@ class DataPlane:
 
         if deployment.requires_key:
             token = extract_token(scope["headers"])
-            client = scope.get("client")
-            address = str(client[0]) if client else "unknown"
+            address = client_address(scope, self.trusted_proxies)
             grant = await self.gw.keys.check(token, deployment.id, address)
             self.gw.last_used.touch(grant.key_id)
 

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import ipaddress
 import os
 from pathlib import Path
 from typing import Annotated, Any
@@ -42,6 +43,9 @@ def _split_csv(value: Any) -> Any:
     return value
 
 
+_CSV_FIELDS = ("import_roots", "cors_origins", "passthrough_fields", "reserved_slugs", "trusted_proxies")
+
+
 class LorrySettings(BaseSettings):
     model_config = SettingsConfigDict(env_prefix="LORRY_", extra="ignore", frozen=True)
 
@@ -62,6 +66,8 @@ class LorrySettings(BaseSettings):
     cache_dir: Path = Field(default_factory=_default_cache_dir)
     cors_origins: Annotated[list[str], NoDecode] = Field(default_factory=list)
     passthrough_fields: Annotated[list[str], NoDecode] = Field(default_factory=list)
+    # Reverse proxies whose X-Forwarded-For the gateway believes (addresses or CIDR ranges).
+    trusted_proxies: Annotated[list[str], NoDecode] = Field(default_factory=list)
 
     reserved_slugs: Annotated[list[str], NoDecode] = Field(
         default_factory=lambda: list(DEFAULT_RESERVED_SLUGS)
@@ -73,10 +79,27 @@ class LorrySettings(BaseSettings):
     # Run `alembic upgrade head` on start: the embedded default; production runs `lorry migrate`.
     auto_migrate: bool = False
 
-    @field_validator("import_roots", "cors_origins", "passthrough_fields", "reserved_slugs", mode="before")
+    @field_validator(
+        "import_roots",
+        "cors_origins",
+        "passthrough_fields",
+        "reserved_slugs",
+        "trusted_proxies",
+        mode="before",
+    )
     @classmethod
     def _csv(cls, value: Any) -> Any:
         return _split_csv(value)
+
+    @field_validator("trusted_proxies")
+    @classmethod
+    def _networks(cls, value: list[str]) -> list[str]:
+        for entry in value:
+            try:
+                ipaddress.ip_network(entry, strict=False)
+            except ValueError:
+                raise ValueError(f"{entry!r} is not an IP address or CIDR range") from None
+        return value
 
     @property
     def is_sqlite(self) -> bool:
