@@ -869,7 +869,8 @@ async def test_sigterm_drains_streams_then_ends_them_with_an_error_event(
     # The gateway ended what was left at the deadline, by its own log. (When the client gets the
     # error event depends on the client too: it comes after whatever is already queued for it.)
     assert set(drain) == {"stopping", "deadline", "drained"}, gw.log_text()[-3000:]
-    assert deadline_s <= drain["deadline"] - drain["stopping"] < deadline_s + 0.5, drain
+    # (a loop busy relaying twenty streams may run the deadline timer a little late)
+    assert deadline_s <= drain["deadline"] - drain["stopping"] < deadline_s + 1.0, drain
     assert drain["drained"] - drain["deadline"] < 1.0, drain
     assert exit_code == 0
 
