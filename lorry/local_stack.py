@@ -175,10 +175,19 @@ async def _key_usable(client: AsyncCloudApiClient, deployment_id: str, plaintext
     return any(key.prefix == parsed.prefix and key.enabled for key in listed)
 
 
+@dataclass(frozen=True)
+class DemoAccess:
+    slug: str
+    key: str
+
+
 async def ensure_demo(
     client: AsyncCloudApiClient, secrets: dict[str, Any], plan: EnginePlan, state_dir: Path
-) -> str:
-    """The demo deployment and its key: created on the first start, reused afterwards."""
+) -> DemoAccess:
+    """The demo deployment and its key: created on the first start, reused afterwards.
+
+    Slugs are never reused, so a demo deleted by hand comes back as ``demo-2`` (then ``demo-3``…).
+    """
     deployment: Deployment | None = None
     if "demoDeploymentId" in secrets:
         with contextlib.suppress(CloudApiError):
@@ -195,7 +204,7 @@ async def ensure_demo(
                 target: dict[str, Any] = {"kind": "adapter", "adapter": {"kind": "final", "jobId": job.id}}
             else:
                 target = {"kind": "base_model", "baseModel": plan.model_id}
-            deployment = await client.create_deployment(SCOPE, slug=DEMO_SLUG, target=target)
+            deployment = await _create_demo(client, target)
         secrets.pop("demoKey", None)
     if "demoKey" in secrets and not await _key_usable(client, deployment.id, str(secrets["demoKey"])):
         progress("the saved demo key was revoked or has expired: creating a new one")
@@ -205,13 +214,23 @@ async def ensure_demo(
         secrets["demoKey"] = key.plaintext
     secrets["demoDeploymentId"] = deployment.id
     write_private_json(state_dir / SECRETS_FILE, secrets)
-    return str(secrets["demoKey"])
+    return DemoAccess(slug=deployment.slug, key=str(secrets["demoKey"]))
 
 
-def curl_line(base_url: str, key: str) -> str:
-    body = json.dumps(
-        {"model": DEMO_SLUG, "messages": [{"role": "user", "content": "Hello!"}], "max_tokens": 32}
-    )
+async def _create_demo(client: AsyncCloudApiClient, target: dict[str, Any]) -> Deployment:
+    for n in range(1, 100):
+        slug = DEMO_SLUG if n == 1 else f"{DEMO_SLUG}-{n}"
+        try:
+            return await client.create_deployment(SCOPE, slug=slug, target=target)
+        except CloudApiError as exc:
+            if exc.code != "slug_taken":
+                raise
+            progress(f"the slug {slug} belonged to a deleted deployment: trying the next")
+    raise RuntimeError("no free demo slug (demo … demo-99 are all taken)")
+
+
+def curl_line(base_url: str, key: str, slug: str = DEMO_SLUG) -> str:
+    body = json.dumps({"model": slug, "messages": [{"role": "user", "content": "Hello!"}], "max_tokens": 32})
     return (
         f"curl -sS {base_url}/chat/completions -H {shlex.quote('Authorization: Bearer ' + key)} "
         f"-H 'Content-Type: application/json' -d {shlex.quote(body)}"
@@ -249,15 +268,15 @@ async def announce(
         options.state_dir / CREDENTIALS_FILE, credentials.model_dump(by_alias=True, exclude_none=True)
     )
     async with AsyncCloudApiClient(admin_url, credentials) as client:
-        key = await ensure_demo(client, secrets, plan, options.state_dir)
+        demo = await ensure_demo(client, secrets, plan, options.state_dir)
     if plan.supervised is not None:
         progress(f"waiting for the vLLM engine (log: {plan.supervised.log_path})")
         await plan.supervised.wait_healthy(ENGINE_START_TIMEOUT_S)
-    base_url = settings.public_url(DEMO_SLUG)
-    await _wait_serving(base_url, key, 300.0)
+    base_url = settings.public_url(demo.slug)
+    await _wait_serving(base_url, demo.key, 300.0)
     say("Base URL:", base_url)
-    say("Key:", key)
-    sys.stdout.write(curl_line(base_url, key) + "\n")
+    say("Key:", demo.key)
+    sys.stdout.write(curl_line(base_url, demo.key, demo.slug) + "\n")
     sys.stdout.flush()
 
 

@@ -436,8 +436,9 @@ async def test_demo_state_is_reused_and_a_revoked_key_replaced(control_plane: An
     state.mkdir()
     transport = httpx.ASGITransport(app=control_plane)
     async with AsyncCloudApiClient("http://admin.lorry.test", INSTALL_TOKEN, transport=transport) as client:
-        first = await ensure_demo(client, {"adminToken": INSTALL_TOKEN}, plan, state)
-        assert DEPLOYMENT_KEY.fullmatch(first)
+        access = await ensure_demo(client, {"adminToken": INSTALL_TOKEN}, plan, state)
+        first = access.key
+        assert DEPLOYMENT_KEY.fullmatch(first) and access.slug == "demo"
         saved = json.loads((state / "secrets.json").read_text())
         assert saved["demoKey"] == first
         assert stat.S_IMODE((state / "secrets.json").stat().st_mode) == 0o600
@@ -445,17 +446,29 @@ async def test_demo_state_is_reused_and_a_revoked_key_replaced(control_plane: An
         assert deployment.slug == "demo" and saved["demoDeploymentId"] == deployment.id
 
         # The next start: the same deployment and key, nothing new created.
-        assert await ensure_demo(client, dict(saved), plan, state) == first
+        assert await ensure_demo(client, dict(saved), plan, state) == access
         [key] = await client.list_deployment_keys(deployment.id, SCOPE)
 
         # Revoked with the CLI in between: the next start makes a new key for the same deployment.
         await client.revoke_deployment_key(deployment.id, key.id, SCOPE)
-        replaced = await ensure_demo(client, dict(saved), plan, state)
+        replaced = (await ensure_demo(client, dict(saved), plan, state)).key
         assert replaced != first and DEPLOYMENT_KEY.fullmatch(replaced)
         assert json.loads((state / "secrets.json").read_text())["demoKey"] == replaced
         assert [d.id for d in await client.list_deployments(SCOPE)] == [deployment.id]
         listed = await client.list_deployment_keys(deployment.id, SCOPE)
         assert sorted(k.enabled for k in listed) == [False, True]
+
+        # Deleted by hand: slugs are never reused, so the next start makes `demo-2`, and the one
+        # after that keeps it.
+        saved = json.loads((state / "secrets.json").read_text())
+        await client.delete_deployment(deployment.id, SCOPE)
+        again = await ensure_demo(client, dict(saved), plan, state)
+        assert again.slug == "demo-2" and again.key != replaced and DEPLOYMENT_KEY.fullmatch(again.key)
+        [recreated] = await client.list_deployments(SCOPE)
+        assert recreated.slug == "demo-2"
+        saved = json.loads((state / "secrets.json").read_text())
+        assert saved["demoDeploymentId"] == recreated.id and saved["demoKey"] == again.key
+        assert await ensure_demo(client, dict(saved), plan, state) == again
 
 
 @pytest.mark.vllm
