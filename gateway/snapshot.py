@@ -78,12 +78,7 @@ class EngineView:
         return f"{self.adapter_root.rstrip('/')}/{digest}"
 
     def serves(self, base_model: str | None, rank: int | None) -> bool:
-        return (
-            self.enabled
-            and base_model is not None
-            and self.base_model == base_model
-            and (rank is None or self.max_lora_rank >= rank)
-        )
+        return engine_spec.engine_serves(self, base_model, rank)
 
 
 class Snapshot:

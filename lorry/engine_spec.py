@@ -7,6 +7,7 @@ read the same list the same way: one set of checks and one normalisation.
 from __future__ import annotations
 
 import re
+from typing import Protocol
 from urllib.parse import urlsplit, urlunsplit
 
 from pydantic import BaseModel, ConfigDict, Field
@@ -85,6 +86,26 @@ def check_lora_capacity(max_loras: int, max_cpu_loras: int | None) -> None:
         raise ValueError(f"maxCpuLoras ({max_cpu_loras}) must be at least maxLoras ({max_loras})")
 
 
+class ServingEngine(Protocol):
+    @property
+    def enabled(self) -> bool: ...
+    @property
+    def base_model(self) -> str: ...
+    @property
+    def max_lora_rank(self) -> int: ...
+
+
+def engine_serves(engine: ServingEngine, base_model: str | None, rank: int | None) -> bool:
+    """Whether ``engine`` can serve a deployment of ``base_model`` (with an adapter of ``rank``):
+    the one rule for the control plane's status and the gateway's routing."""
+    return (
+        engine.enabled
+        and base_model is not None
+        and engine.base_model == base_model
+        and (rank is None or engine.max_lora_rank >= rank)
+    )
+
+
 class EngineSpec(BaseModel):
     """One engine as the catalogue sees it; `id` of a static engine is `static:<name>`."""
 
@@ -104,12 +125,7 @@ class EngineSpec(BaseModel):
     source: str = "api"
 
     def serves(self, base_model: str | None, rank: int | None) -> bool:
-        return (
-            self.enabled
-            and base_model is not None
-            and self.base_model == base_model
-            and (rank is None or self.max_lora_rank >= rank)
-        )
+        return engine_serves(self, base_model, rank)
 
 
 def static_engines(settings: LorrySettings) -> list[EngineSpec]:

@@ -2,18 +2,16 @@
 
 from __future__ import annotations
 
-import asyncio
 import contextlib
 import json
 import shutil
 import uuid
-from collections.abc import AsyncIterator, Awaitable, Callable, Generator
+from collections.abc import AsyncIterator, Awaitable, Callable
 from pathlib import Path
 from typing import Any
 
 import httpx
 import pytest
-import uvicorn
 from starlette.types import ASGIApp
 
 from control_plane.context import AppContext
@@ -25,6 +23,7 @@ from tests.engines import RunningEngine
 from tests.gateway.admin_api import AdminApi
 from tests.gateway.figures import FIGURES
 from tests.gateway.seed import Seed
+from tests.gateway.standin import serve_app
 
 FAST_OPTIONS = GatewayOptions(last_used_flush_s=0.25)
 MakeGateway = Callable[..., Awaitable[Gateway]]
@@ -95,31 +94,11 @@ def ops_client(gw: Gateway) -> httpx.AsyncClient:
     return httpx.AsyncClient(transport=httpx.ASGITransport(app=gw.ops_app), base_url="http://ops")
 
 
-class _QuietServer(uvicorn.Server):
-    @contextlib.contextmanager
-    def capture_signals(self) -> Generator[None, None, None]:
-        yield
-
-
 @contextlib.asynccontextmanager
 async def http_server(app: ASGIApp) -> AsyncIterator[str]:
     """Serves ``app`` with uvicorn (httptools) on 127.0.0.1 and a free port; yields its base URL."""
-    config = uvicorn.Config(
-        app, host="127.0.0.1", port=0, http="httptools", lifespan="off", log_level="warning", loop="none"
-    )
-    server = _QuietServer(config)
-    task = asyncio.create_task(server.serve())
-    while not server.started:
-        if task.done():
-            task.result()
-            raise RuntimeError("server stopped during start")
-        await asyncio.sleep(0.01)
-    port = server.servers[0].sockets[0].getsockname()[1]
-    try:
+    async with serve_app(app, graceful_s=None) as port:
         yield f"http://127.0.0.1:{port}"
-    finally:
-        server.should_exit = True
-        await task
 
 
 # -- real engines ------------------------------------------------------------------------------

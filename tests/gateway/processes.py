@@ -15,7 +15,7 @@ import signal
 import subprocess
 import sys
 import time
-from collections.abc import Mapping
+from collections.abc import Iterator, Mapping
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -157,8 +157,8 @@ def start_gateway(
     return GatewayProcess(name=name, process=process, port=port, ops_port=ops_port, log_path=log_path)
 
 
-def metric_value(text: str, name: str, **labels: str) -> float | None:
-    """The value of one sample of a Prometheus text page (None when absent)."""
+def _samples(text: str, name: str, labels: dict[str, str]) -> Iterator[float]:
+    """The values of the samples of ``name`` in a Prometheus text page whose labels include ``labels``."""
     wanted = {f'{key}="{value}"' for key, value in labels.items()}
     for line in text.splitlines():
         if not line.startswith(name):
@@ -169,22 +169,14 @@ def metric_value(text: str, name: str, **labels: str) -> float | None:
             continue
         present = set(label_text.rstrip("}").split(",")) if label_text else set()
         if wanted <= present:
-            return float(value)
-    return None
+            yield float(value)
+
+
+def metric_value(text: str, name: str, **labels: str) -> float | None:
+    """The value of one sample of a Prometheus text page (None when absent)."""
+    return next(_samples(text, name, labels), None)
 
 
 def metric_sum(text: str, name: str, **labels: str) -> float:
     """The sum of every sample of ``name`` whose labels include ``labels``."""
-    wanted = {f'{key}="{value}"' for key, value in labels.items()}
-    total = 0.0
-    for line in text.splitlines():
-        if not line.startswith(name):
-            continue
-        head, _, value = line.rpartition(" ")
-        metric, _, label_text = head.partition("{")
-        if metric != name:
-            continue
-        present = set(label_text.rstrip("}").split(",")) if label_text else set()
-        if wanted <= present:
-            total += float(value)
-    return total
+    return sum(_samples(text, name, labels), 0.0)

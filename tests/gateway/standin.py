@@ -7,7 +7,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-from collections.abc import AsyncIterator, Generator
+from collections.abc import AsyncIterator
 from typing import Any
 
 import orjson
@@ -17,6 +17,8 @@ from starlette.requests import Request
 from starlette.responses import JSONResponse, Response, StreamingResponse
 from starlette.routing import Route
 from starlette.types import ASGIApp
+
+from lorry.serving import QuietServer
 
 MODEL = "lorry/tiny-llama"
 STALL_LIMIT_S = 30.0
@@ -129,15 +131,12 @@ class StandInEngine:
         return StreamingResponse(stream(), media_type="text/event-stream")
 
 
-class _QuietServer(uvicorn.Server):
-    @contextlib.contextmanager
-    def capture_signals(self) -> Generator[None, None, None]:
-        yield
-
-
 @contextlib.asynccontextmanager
-async def serve_app(app: ASGIApp, host: str = "127.0.0.1", port: int = 0) -> AsyncIterator[int]:
-    """Serves ``app`` on ``host:port`` (0: a free port); yields the port."""
+async def serve_app(
+    app: ASGIApp, host: str = "127.0.0.1", port: int = 0, *, graceful_s: int | None = 1
+) -> AsyncIterator[int]:
+    """Serves ``app`` on ``host:port`` (0: a free port) with uvicorn (httptools); yields the port.
+    At the end, connections still open get ``graceful_s`` (None: as long as they take)."""
     config = uvicorn.Config(
         app,
         host=host,
@@ -146,9 +145,9 @@ async def serve_app(app: ASGIApp, host: str = "127.0.0.1", port: int = 0) -> Asy
         lifespan="off",
         log_level="warning",
         loop="none",
-        timeout_graceful_shutdown=1,
+        timeout_graceful_shutdown=graceful_s,
     )
-    server = _QuietServer(config)
+    server = QuietServer(config)
     task = asyncio.create_task(server.serve())
     while not server.started:
         if task.done():
