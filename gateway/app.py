@@ -39,6 +39,7 @@ from gateway.errors import ShuttingDown
 from gateway.health import HealthMonitor, HealthPolicy
 from gateway.key_check import KeyChecker
 from gateway.last_used import LastUsedWriter
+from gateway.loop_watchdog import LoopWatchdog
 from gateway.metrics import GatewayMetrics
 from gateway.ops import OpsApp
 from gateway.options import GatewayOptions
@@ -120,6 +121,9 @@ class Gateway:
                 deployment, engine, outcome
             ).inc(),
         )
+        self.watchdog = LoopWatchdog(
+            warn_after_s=opts.loop_stall_warn_s, observe_lag=self.metrics.loop_lag.observe
+        )
         self.bound = LoadBound(max_requests=opts.engine_max_requests, max_waiting=opts.engine_max_waiting)
         self.proxy = Proxy(
             self.pool,
@@ -156,6 +160,7 @@ class Gateway:
     async def start(self) -> None:
         if self.started:
             return
+        self.watchdog.start()
         self.health.start()
         await self.follower.start()
         if not self.follower.synced:
@@ -176,6 +181,7 @@ class Gateway:
             task.cancel()
         await asyncio.gather(*self._background, *extra, return_exceptions=True)
         await self.pool.aclose()
+        await self.watchdog.stop()
         if self._owns_db:
             await self.db.dispose()
 

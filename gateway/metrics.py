@@ -13,6 +13,7 @@ from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, gene
 
 NO_DEPLOYMENT = "-"
 ENGINE_LOAD_KINDS = ("running", "waiting", "deferred")
+_LOOP_LAG_BUCKETS = (0.001, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0)
 _LATENCY_BUCKETS = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0, 120.0, 300.0)
 
 
@@ -96,6 +97,13 @@ class GatewayMetrics:
         self.snapshot_age = Gauge(
             "lorry_gateway_change_feed_lag_seconds",
             "Seconds since the change feed was last read successfully.",
+            registry=registry,
+        )
+
+        self.loop_lag = Histogram(
+            "lorry_gateway_event_loop_lag_seconds",
+            "How late a 100 ms timer on the gateway's event loop fired (a blocked loop stalls every stream).",
+            buckets=_LOOP_LAG_BUCKETS,
             registry=registry,
         )
 

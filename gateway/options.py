@@ -76,6 +76,8 @@ class GatewayOptions:
     # After the shutdown deadline, streams get their error event; uvicorn is given this much more
     # before it cancels what is left.
     shutdown_grace_s: float = 3.0
+    # A stall of the event loop this long is logged with the loop's stack (0: no watchdog).
+    loop_stall_warn_s: float = 1.0
 
     @classmethod
     def from_env(cls, environ: Mapping[str, str] | None = None) -> GatewayOptions:
@@ -124,6 +126,7 @@ ENV_FIELDS: dict[str, tuple[str, Callable[[str], object]]] = {
     "LORRY_GATEWAY_ENGINE_MAX_WAITING": ("engine_max_waiting", int),
     "LORRY_GATEWAY_DNS_REFRESH_S": ("dns_refresh_s", float),
     "LORRY_GATEWAY_SHUTDOWN_GRACE_S": ("shutdown_grace_s", float),
+    "LORRY_GATEWAY_LOOP_STALL_WARN_S": ("loop_stall_warn_s", float),
     "LORRY_GATEWAY_KEY_CACHE_TTL_S": ("keys.positive_ttl_s", float),
     "LORRY_GATEWAY_KEY_NEGATIVE_TTL_S": ("keys.negative_ttl_s", float),
 }

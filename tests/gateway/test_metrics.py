@@ -97,6 +97,8 @@ async def test_metric_deltas_and_labels(
     loads = "lorry_gateway_adapter_loads_total"
     assert delta(before, after, loads, deployment=dep, engine="shared", outcome="loaded") == 1
     assert vllm_engine.load_count(engine_name_of(job)) == 1
+    # The loop's watchdog ticks every 100 ms while the gateway runs.
+    assert delta(before, after, "lorry_gateway_event_loop_lag_seconds_count") >= 1
 
     for (name, labels), _value in after.items():
         assert {label for label, _ in labels} <= ALLOWED_LABELS, name

@@ -32,6 +32,7 @@ import orjson
 import pytest
 
 from gateway.balancer import rendezvous_score
+from gateway.loop_watchdog import STALL_MARKER
 from lorry.settings import LorrySettings
 from tests import engines as engines_module
 from tests import fixtures_engine
@@ -41,7 +42,7 @@ from tests.gateway.conftest import DemoAdapters, engine_name_of
 from tests.gateway.figures import report
 from tests.gateway.processes import GatewayProcess, metric_sum, metric_value, start_gateway
 from tests.support.databases import PG_ADMIN_DSN
-from tests.support.polling import until
+from tests.support.polling import loop_lag, until
 
 pytestmark = pytest.mark.vllm
 
@@ -206,6 +207,7 @@ async def cluster(
     settings: LorrySettings,
     shared_store: Path,
     tmp_path: Path,
+    request: pytest.FixtureRequest,
 ) -> AsyncIterator[Cluster]:
     made = Cluster(
         api=admin_api,
@@ -220,6 +222,8 @@ async def cluster(
         await made.stop()
         for gw in made.gateways:
             assert "Traceback" not in gw.log_text(), gw.log_text()[-3000:]
+            if stalls := _stalls(gw.log_text()):  # the gateway's loop watchdog spoke
+                report(request.node.name, f"gateway {gw.name} event loop stalls: {stalls}")
 
 
 def auth(key: str | None) -> dict[str, str]:
@@ -831,23 +835,29 @@ async def test_sigterm_drains_streams_then_ends_them_with_an_error_event(
         signalled = time.monotonic()
         gw.terminate()
 
-        # While draining: not ready, and new requests are refused.
-        async with httpx.AsyncClient(timeout=30) as probe:
+        # While draining: not ready, and new requests are refused. (A probe that gets no answer
+        # in 5 s is counted and sent again; the gateway's loop watchdog and this test's own loop
+        # lag tell whose stall it was.)
+        probe_timeouts: list[float] = []
+        async with httpx.AsyncClient(timeout=5) as probe, loop_lag() as test_loop:
 
             async def not_ready() -> bool:
-                ready = await probe.get(f"{gw.ops_url}/readyz")
+                try:
+                    ready = await probe.get(f"{gw.ops_url}/readyz")
+                except httpx.TimeoutException:
+                    probe_timeouts.append(time.monotonic() - signalled)
+                    return False
                 return ready.status_code == 503 and ready.json()["status"] == "draining"
 
-            unready_after = await until(not_ready, timeout=30)
-            refused: str
             try:
-                late = await probe.post(
-                    f"{gw.base_url('drain')}/chat/completions", json={"messages": MESSAGES, "max_tokens": 4}
-                )
-                assert late.status_code == 503 and late.json()["error"]["code"] == "shutting_down", late.text
-                refused = "503 shutting_down"
-            except httpx.ConnectError:
-                refused = "connection refused"
+                unready_after = await until(not_ready, timeout=30)
+            except AssertionError:
+                raise AssertionError(
+                    f"/readyz never answered 503 draining; probes timed out at {probe_timeouts} s; "
+                    f"this test's loop lagged up to {test_loop.worst:.2f} s; "
+                    f"gateway alive: {gw.alive()}; its log ends:\n{gw.log_text()[-4000:]}"
+                ) from None
+            refused = await _late_request(probe, gw)
         await asyncio.gather(*tasks)
     exit_code = await gw.wait_exit(timeout=deadline_s + grace_s + 10)
     exited = time.monotonic() - signalled
@@ -866,7 +876,10 @@ async def test_sigterm_drains_streams_then_ends_them_with_an_error_event(
         f"({sorted(set(errors))}); the gateway ended the rest "
         f"{drain.get('deadline', 0) - drain.get('stopping', 0):.2f} s after the signal (its log); "
         f"the client saw the last stream end {last_end:.2f} s after it; "
-        f"new request: {refused}; /readyz 503 after {unready_after * 1000:.0f} ms; "
+        f"new request: {refused}; /readyz 503 after {unready_after * 1000:.0f} ms"
+        f"{f' (probes unanswered in 5 s at {probe_timeouts} s)' if probe_timeouts else ''}; "
+        f"gateway loop stalls: {_stalls(gw.log_text()) or 'none'}; "
+        f"this test's loop lagged up to {test_loop.worst * 1000:.0f} ms; "
         f"process exited ({exit_code}) after {exited:.2f} s; "
         f"engines idle {running * 1000:.0f} ms later",
     )
@@ -883,6 +896,25 @@ async def test_sigterm_drains_streams_then_ends_them_with_an_error_event(
     assert deadline_s <= drain["deadline"] - drain["stopping"] < deadline_s + 1.0, drain
     assert drain["drained"] - drain["deadline"] < 1.0, drain
     assert exit_code == 0
+
+
+async def _late_request(probe: httpx.AsyncClient, gw: GatewayProcess) -> str:
+    """A request sent during the drain: answered 503 ``shutting_down``, or never accepted (the
+    listening socket is closed; one that raced the close is reset by the kernel unanswered)."""
+    try:
+        late = await probe.post(
+            f"{gw.base_url('drain')}/chat/completions", json={"messages": MESSAGES, "max_tokens": 4}
+        )
+    except httpx.ConnectError:
+        return "connection refused"
+    except (httpx.ReadError, httpx.RemoteProtocolError) as exc:
+        return f"connection closed unanswered ({type(exc).__name__})"
+    assert late.status_code == 503 and late.json()["error"]["code"] == "shutting_down", late.text
+    return "503 shutting_down"
+
+
+def _stalls(log: str) -> list[str]:
+    return [line[:200] for line in log.splitlines() if STALL_MARKER in line]
 
 
 DRAIN_LINES = {

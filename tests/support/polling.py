@@ -3,8 +3,10 @@
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import time
-from collections.abc import Awaitable, Callable
+from collections.abc import AsyncIterator, Awaitable, Callable
+from dataclasses import dataclass
 
 
 async def until(
@@ -22,3 +24,30 @@ async def until(
         if time.monotonic() - started > timeout:
             raise AssertionError(f"not observed within {timeout} s")
         await asyncio.sleep(interval)
+
+
+@dataclass
+class LoopLag:
+    worst: float = 0.0
+
+
+@contextlib.asynccontextmanager
+async def loop_lag(interval: float = 0.05) -> AsyncIterator[LoopLag]:
+    """How late, at worst, a timer on the test's own event loop ran while inside (a stalled test
+    loop makes a server look slow)."""
+    lag = LoopLag()
+    loop = asyncio.get_running_loop()
+
+    async def tick() -> None:
+        while True:
+            due = loop.time() + interval
+            await asyncio.sleep(interval)
+            lag.worst = max(lag.worst, loop.time() - due)
+
+    ticker = asyncio.create_task(tick())
+    try:
+        yield lag
+    finally:
+        ticker.cancel()
+        with contextlib.suppress(asyncio.CancelledError):
+            await ticker
