@@ -17,7 +17,7 @@ from lorry.settings import LorrySettings
 from tests.support.databases import PostgresTemplate, SqliteTemplate, row_counts, templates
 from tests.support.log_leaks import no_plaintext_key_in_logs as _no_plaintext_key_in_logs
 
-pytest_plugins = ["tests.fixtures_engine"]
+pytest_plugins = ["tests.fixtures_engine", "tests.machine_stalls", "pytester"]
 
 # Autouse for the whole session: every log record and *.log file is searched for plaintext keys.
 no_plaintext_key_in_logs = pytest.fixture(scope="session", autouse=True)(_no_plaintext_key_in_logs)

@@ -13,15 +13,17 @@ async def until(
     check: Callable[[], bool | Awaitable[bool]], timeout: float = 5.0, interval: float = 0.01
 ) -> float:
     """Seconds until ``check()`` holds (a plain or an awaitable answer), polled every ``interval``;
-    fails the test after ``timeout``."""
+    fails the test when a check begun after ``timeout`` still fails (a check that was under way
+    when the deadline passed, perhaps slowed by a stalled machine, does not decide)."""
     started = time.monotonic()
     while True:
+        began = time.monotonic()
         value = check()
         if not isinstance(value, bool):
             value = await value
         if value:
             return time.monotonic() - started
-        if time.monotonic() - started > timeout:
+        if began - started > timeout:
             raise AssertionError(f"not observed within {timeout} s")
         await asyncio.sleep(interval)
 

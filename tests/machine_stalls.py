@@ -1,0 +1,114 @@
+"""Machine stalls: this test machine (a virtual machine) now and then freezes every process for
+seconds at a time (seen: 1 s to 11 s, a sleeping ``python3`` and two gateways' watchdog threads
+frozen alike, most often while vLLM engines start). A test that measures a deadline or a
+latency cannot pass through that.
+
+A watcher process sleeps 50 ms at a time and writes down every gap longer than
+:data:`NOTE_AFTER_S` (CLOCK_MONOTONIC is one clock for every process). A test that fails while a
+stall of at least :data:`RERUN_AFTER_S` happened during it is run once more (pytest-rerunfailures'
+``flaky`` marker with a condition): a failure without such a stall, or a second failure, stands.
+The terminal summary lists every stall and which tests were run again.
+"""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import pytest
+
+NOTE_AFTER_S = 0.5
+RERUN_AFTER_S = 1.0
+
+_WATCHER = f"""
+import sys, time
+out = open(sys.argv[1], "a", buffering=1)
+last = time.monotonic()
+while True:
+    time.sleep(0.05)
+    now = time.monotonic()
+    if now - last > {NOTE_AFTER_S}:
+        out.write(f"{{last}} {{now}}\\n")
+    last = now
+"""
+
+_state: dict[str, object] = {}
+_reruns: list[tuple[str, float]] = []
+
+
+def _log() -> Path | None:
+    path = _state.get("log")
+    return path if isinstance(path, Path) else None
+
+
+def stalls_since(started: float) -> list[tuple[float, float]]:
+    """(began, ended) of every stall that ended after ``started`` (monotonic seconds)."""
+    path = _log()
+    if path is None or not path.exists():
+        return []
+    found: list[tuple[float, float]] = []
+    for line in path.read_text(encoding="utf-8").splitlines():
+        began, _, ended = line.partition(" ")
+        try:
+            stall = (float(began), float(ended))
+        except ValueError:
+            continue
+        if stall[1] >= started:
+            found.append(stall)
+    return found
+
+
+def stalled_during_this_test(_error: BaseException | None = None) -> bool:
+    """The rerun condition: a stall of RERUN_AFTER_S or more since the current test began."""
+    started = _state.get("test_started")
+    if not isinstance(started, float):
+        return False
+    longest = max((ended - began for began, ended in stalls_since(started)), default=0.0)
+    if longest >= RERUN_AFTER_S:
+        _reruns.append((str(_state.get("test_id")), longest))
+        return True
+    return False
+
+
+def pytest_sessionstart(session: pytest.Session) -> None:
+    path = Path(tempfile.mkdtemp(prefix="lorry-stalls-")) / "stalls.txt"
+    path.touch()
+    _state["log"] = path
+    _state["watcher"] = subprocess.Popen(
+        [sys.executable, "-c", _WATCHER, str(path)], stdin=subprocess.DEVNULL
+    )
+
+
+def pytest_sessionfinish(session: pytest.Session) -> None:
+    watcher = _state.get("watcher")
+    if isinstance(watcher, subprocess.Popen):
+        watcher.terminate()
+        watcher.wait(5)
+
+
+def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
+    for item in items:
+        item.add_marker(pytest.mark.flaky(reruns=1, condition=stalled_during_this_test))
+
+
+@pytest.hookimpl(tryfirst=True)
+def pytest_runtest_setup(item: pytest.Item) -> None:
+    _state["test_started"] = time.monotonic()
+    _state["test_id"] = item.nodeid
+
+
+def pytest_terminal_summary(terminalreporter: pytest.TerminalReporter) -> None:
+    stalls = stalls_since(0.0)
+    if not stalls and not _reruns:
+        return
+    terminalreporter.section("machine stalls")
+    lengths = sorted((ended - began for began, ended in stalls), reverse=True)
+    terminalreporter.write_line(
+        f"a watcher process sleeping 50 ms woke over {NOTE_AFTER_S} s late {len(stalls)} time(s); longest: "
+        + ", ".join(f"{length:.1f} s" for length in lengths[:8])
+    )
+    for test_id, longest in _reruns:
+        terminalreporter.write_line(f"run again after a {longest:.1f} s stall: {test_id}")
