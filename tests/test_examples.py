@@ -274,7 +274,7 @@ def test_quickstart_with_a_job_id(stack: Stack, admin: httpx.Client, tmp_path: P
     assert base_url == stack.base_url("quickstart-job")
     key = run.value("Key")
     assert DEPLOYMENT_KEY.fullmatch(key), run.stdout
-    assert run.value("Reply")
+    run.value("Reply")  # printed once (value() checks); may be empty: the random model can stop at once
     deployment_id = run.value("Deployment").split("(")[1].rstrip(")")
     deployment = call(admin, "GET", f"/v1/endpoints/{deployment_id}", 200)["deployment"]
     assert deployment["slug"] == "quickstart-job"
@@ -299,7 +299,7 @@ def test_quickstart_imports_a_directory(stack: Stack, admin: httpx.Client, tmp_p
     job = call(admin, "GET", f"/v1/jobs/{job_id}", 200)["job"]
     assert [a["rank"] for a in job["adapters"] if a["kind"] == "final"] == [16]
     assert run.value("Base URL") == stack.base_url("quickstart-dir")
-    assert run.value("Reply")
+    run.value("Reply")  # printed once (value() checks); may be empty: the random model can stop at once
     assert check_key_opens(stack.base_url("quickstart-dir"), run.value("Key")) == engine_answer(
         stack.engine, final_adapter_name(job)
     )
@@ -362,8 +362,10 @@ def test_langchain_app(stack: Stack, admin: httpx.Client, tmp_path: Path) -> Non
     assert deployment["baseUrl"] == stack.base_url("langchain-app")
 
     run = run_example("langchain_app.py", "What is a river?", env=env, tmp_path=tmp_path)
-    assert run.value("Reply")
-    assert run.value("Streamed reply")
+    # Both lines printed once (value() checks); their text may be empty: the random demo model can
+    # sample end-of-sequence first. (The quickstart tests compare what a key opens exactly.)
+    run.value("Reply")
+    run.value("Streamed reply")
 
     # It is the key that opens the deployment: a wrong one makes the app fail with a 401.
     wrong = {**env, "LORRY_API_KEY": key["plaintext"][:-1] + ("A" if key["plaintext"][-1] != "A" else "B")}
