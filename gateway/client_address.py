@@ -22,28 +22,31 @@ def trusted_networks(values: Iterable[str]) -> tuple[Network, ...]:
     return tuple(ipaddress.ip_network(value.strip(), strict=False) for value in values if value.strip())
 
 
-def _trusted(address: str, networks: Sequence[Network]) -> bool:
+def _ip(address: str) -> ipaddress.IPv4Address | ipaddress.IPv6Address | None:
     try:
-        ip = ipaddress.ip_address(address)
+        return ipaddress.ip_address(address)
     except ValueError:
-        return False
+        return None
+
+
+def _trusted(ip: ipaddress.IPv4Address | ipaddress.IPv6Address, networks: Sequence[Network]) -> bool:
     return any(ip in network for network in networks)
 
 
 def client_address(scope: Scope, networks: Sequence[Network]) -> str:
     client = scope.get("client")
     peer = str(client[0]) if client else "unknown"
-    if not networks or not _trusted(peer, networks):
+    peer_ip = _ip(peer)
+    if not networks or peer_ip is None or not _trusted(peer_ip, networks):
         return peer
     values = [value for name, value in scope["headers"] if name == b"x-forwarded-for"]
     if not values:
         return peer
     hops = [hop.strip() for hop in b",".join(values).decode("latin-1").split(",")]
     for hop in reversed(hops):
-        try:
-            ip = ipaddress.ip_address(hop)
-        except ValueError:
+        ip = _ip(hop)
+        if ip is None:
             return peer  # a malformed chain: fall back to the proxy itself
-        if not _trusted(hop, networks):
+        if not _trusted(ip, networks):
             return str(ip)
     return peer

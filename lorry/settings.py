@@ -79,14 +79,7 @@ class LorrySettings(BaseSettings):
     # Run `alembic upgrade head` on start: the embedded default; production runs `lorry migrate`.
     auto_migrate: bool = False
 
-    @field_validator(
-        "import_roots",
-        "cors_origins",
-        "passthrough_fields",
-        "reserved_slugs",
-        "trusted_proxies",
-        mode="before",
-    )
+    @field_validator(*_CSV_FIELDS, mode="before")
     @classmethod
     def _csv(cls, value: Any) -> Any:
         return _split_csv(value)
