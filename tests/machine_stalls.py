@@ -16,6 +16,7 @@ import subprocess
 import sys
 import tempfile
 import time
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import pytest
@@ -35,22 +36,25 @@ while True:
     last = now
 """
 
-_state: dict[str, object] = {}
-_reruns: list[tuple[str, float]] = []
+
+@dataclass
+class _Session:
+    log: Path | None = None
+    watcher: subprocess.Popen[bytes] | None = None
+    test_started: float | None = None
+    test_id: str = ""
+    reruns: list[tuple[str, float]] = field(default_factory=list)
 
 
-def _log() -> Path | None:
-    path = _state.get("log")
-    return path if isinstance(path, Path) else None
+_state = _Session()
 
 
 def stalls_since(started: float) -> list[tuple[float, float]]:
     """(began, ended) of every stall that ended after ``started`` (monotonic seconds)."""
-    path = _log()
-    if path is None or not path.exists():
+    if _state.log is None or not _state.log.exists():
         return []
     found: list[tuple[float, float]] = []
-    for line in path.read_text(encoding="utf-8").splitlines():
+    for line in _state.log.read_text(encoding="utf-8").splitlines():
         began, _, ended = line.partition(" ")
         try:
             stall = (float(began), float(ended))
@@ -63,30 +67,27 @@ def stalls_since(started: float) -> list[tuple[float, float]]:
 
 def stalled_during_this_test(_error: BaseException | None = None) -> bool:
     """The rerun condition: a stall of RERUN_AFTER_S or more since the current test began."""
-    started = _state.get("test_started")
-    if not isinstance(started, float):
+    if _state.test_started is None:
         return False
-    longest = max((ended - began for began, ended in stalls_since(started)), default=0.0)
+    longest = max((ended - began for began, ended in stalls_since(_state.test_started)), default=0.0)
     if longest >= RERUN_AFTER_S:
-        _reruns.append((str(_state.get("test_id")), longest))
+        _state.reruns.append((_state.test_id, longest))
         return True
     return False
 
 
 def pytest_sessionstart(session: pytest.Session) -> None:
-    path = Path(tempfile.mkdtemp(prefix="lorry-stalls-")) / "stalls.txt"
-    path.touch()
-    _state["log"] = path
-    _state["watcher"] = subprocess.Popen(
-        [sys.executable, "-c", _WATCHER, str(path)], stdin=subprocess.DEVNULL
+    _state.log = Path(tempfile.mkdtemp(prefix="lorry-stalls-")) / "stalls.txt"
+    _state.log.touch()
+    _state.watcher = subprocess.Popen(
+        [sys.executable, "-c", _WATCHER, str(_state.log)], stdin=subprocess.DEVNULL
     )
 
 
 def pytest_sessionfinish(session: pytest.Session) -> None:
-    watcher = _state.get("watcher")
-    if isinstance(watcher, subprocess.Popen):
-        watcher.terminate()
-        watcher.wait(5)
+    if _state.watcher is not None:
+        _state.watcher.terminate()
+        _state.watcher.wait(5)
 
 
 def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
@@ -96,13 +97,13 @@ def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
 
 @pytest.hookimpl(tryfirst=True)
 def pytest_runtest_setup(item: pytest.Item) -> None:
-    _state["test_started"] = time.monotonic()
-    _state["test_id"] = item.nodeid
+    _state.test_started = time.monotonic()
+    _state.test_id = item.nodeid
 
 
 def pytest_terminal_summary(terminalreporter: pytest.TerminalReporter) -> None:
     stalls = stalls_since(0.0)
-    if not stalls and not _reruns:
+    if not stalls and not _state.reruns:
         return
     terminalreporter.section("machine stalls")
     lengths = sorted((ended - began for began, ended in stalls), reverse=True)
@@ -110,5 +111,5 @@ def pytest_terminal_summary(terminalreporter: pytest.TerminalReporter) -> None:
         f"a watcher process sleeping 50 ms woke over {NOTE_AFTER_S} s late {len(stalls)} time(s); longest: "
         + ", ".join(f"{length:.1f} s" for length in lengths[:8])
     )
-    for test_id, longest in _reruns:
+    for test_id, longest in _state.reruns:
         terminalreporter.write_line(f"run again after a {longest:.1f} s stall: {test_id}")

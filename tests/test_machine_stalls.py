@@ -17,7 +17,7 @@ attempts = []
 def test_fails_once_while_the_machine_stalls():
     attempts.append(1)
     if len(attempts) == 1:
-        watcher = machine_stalls._state["watcher"].pid
+        watcher = machine_stalls._state.watcher.pid
         os.kill(watcher, signal.SIGSTOP)  # what a frozen machine looks like to the watcher
         time.sleep(2.5)
         os.kill(watcher, signal.SIGCONT)
