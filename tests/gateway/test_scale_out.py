@@ -40,6 +40,7 @@ from tests.engines import RunningEngine
 from tests.gateway.admin_api import AdminApi
 from tests.gateway.conftest import DemoAdapters, engine_name_of
 from tests.gateway.figures import report
+from tests.gateway.leaving_client import Departure, stream_then_leave
 from tests.gateway.processes import GatewayProcess, metric_sum, metric_value, start_gateway
 from tests.support.databases import PG_ADMIN_DSN
 from tests.support.polling import loop_lag, until
@@ -657,12 +658,13 @@ async def _gauge_equals(gw: GatewayProcess, name: str, value: float | None, **la
 
 @dataclass
 class Disconnect:
-    received: int
-    events: int
-    rate: float
-    lead_at_close: float  # tokens generated but not received when the client left
-    generated: float
-    stopped_s: float
+    departure: Departure
+    generated: float  # the engine's own count for the request, after it stopped
+    stopped_s: float  # from the client leaving to vllm:num_requests_running back at 0
+
+    @property
+    def beyond_received(self) -> float:
+        return self.generated - self.departure.received
 
 
 async def _generated(engine: RunningEngine) -> float:
@@ -671,36 +673,14 @@ async def _generated(engine: RunningEngine) -> float:
 
 async def _disconnect_once(gw: GatewayProcess, engine: RunningEngine, tokens: int) -> Disconnect:
     before = await _generated(engine)
-    received = events_received = 0
-    # Tokens are counted from logprobs (one entry per token): when its client lags, vLLM merges
-    # several tokens into one event.
     body = {"messages": MESSAGES, "max_tokens": 2000, "ignore_eos": True, "stream": True, "logprobs": True}
     url = f"{gw.base_url('long-gen')}/chat/completions"
-    async with httpx.AsyncClient(timeout=120) as client:
-        response = await client.send(client.build_request("POST", url, json=body), stream=True)
-        assert response.status_code == 200
-        started = time.monotonic()
-        buffer = b""
-        async for chunk in response.aiter_raw():
-            buffer += chunk
-            *events, buffer = buffer.split(b"\n\n")
-            for event in events:
-                data = orjson.loads(event[len(b"data: ") :])
-                choices = data.get("choices") or []
-                logprobs = (choices[0].get("logprobs") or {}).get("content") if choices else None
-                if logprobs:
-                    received += len(logprobs)
-                    events_received += 1
-            if received >= tokens:
-                break
-        rate = received / (time.monotonic() - started)
-        # The client leaves (its connection closes now) while the engine's count is read.
-        at_close, _ = await asyncio.gather(_generated(engine), response.aclose())
+    departure = await asyncio.to_thread(stream_then_leave, url, body, tokens)
     # Polled gently: vLLM renders /metrics on the event loop that must notice the disconnect.
-    stopped = await until(lambda: _idle(engine), timeout=5, interval=0.1)
+    await until(lambda: _idle(engine), timeout=5, interval=0.1)
+    stopped = time.monotonic() - departure.left_at
     await asyncio.sleep(1.0)  # anything still generating would show now
-    generated = await _generated(engine) - before
-    return Disconnect(received, events_received, rate, at_close - before - received, generated, stopped)
+    return Disconnect(departure, await _generated(engine) - before, stopped)
 
 
 async def test_client_disconnect_stops_generation(cluster: Cluster, demo_adapters: DemoAdapters) -> None:
@@ -713,40 +693,25 @@ async def test_client_disconnect_stops_generation(cluster: Cluster, demo_adapter
     # One engine, no load to balance: the gateway reads the engine's /metrics rarely here (vLLM
     # renders that page on the event loop that streams the tokens).
     (gw,) = await cluster.start_gateways(1, LORRY_GATEWAY_LOAD_INTERVAL_S=10, LORRY_LOG_LEVEL="debug")
-    # The bound (tokens received + 20) presumes a client that keeps up with the engine. On a
-    # saturated machine vLLM's own API server, which streams the tokens, falls behind its engine
-    # core (seen as well with a client talking to vLLM directly): tokens are generated but
-    # still queued when the client leaves. What the gateway answers for is what happens after the
-    # client left: the engine stops within 20 tokens and within 1 s, on every attempt. The bound
-    # itself is judged on an attempt where the stream kept up (up to five attempts).
-    attempts: list[Disconnect] = []
-    for _ in range(8):
+    # Three departures, each judged: the engine may generate at most 20 tokens beyond what the
+    # client received (what had reached its socket counts: see leaving_client), and must stop
+    # within 1 s. The gateway's own part, closing the engine request, is read from its log.
+    for attempt in range(3):
         with pair.shared.api_server_first():
-            attempt = await _disconnect_once(gw, pair.shared, 200)
-        attempts.append(attempt)
-        after_leaving = attempt.generated - attempt.received - attempt.lead_at_close
+            result = await _disconnect_once(gw, pair.shared, 200)
+        departure = result.departure
         closes = _close_times_ms(gw)  # the gateway's own log: one line per departed client
         report(
             "test_client_disconnect_stops_generation",
-            f"client disconnect after {attempt.received} tokens in {attempt.events} events (streamed at "
-            f"{attempt.rate:.0f} tokens/s, {attempt.lead_at_close:.0f} generated but not yet received when "
-            f"it left): the gateway closed the engine request {closes[-1]:.1f} ms after the client left; "
-            f"{after_leaving:.0f} tokens generated after it left, {attempt.generated:.0f} in "
-            f"all; vllm:num_requests_running back to 0 {attempt.stopped_s * 1000:.0f} ms after it left",
+            f"client disconnect after {departure.received} tokens ({departure.waiting} of them already in "
+            f"its socket when it left; streamed at {departure.rate:.0f} tokens/s): the gateway closed the "
+            f"engine request {closes[-1]:.1f} ms after the client left; the engine generated "
+            f"{result.generated:.0f} tokens ({result.beyond_received:.0f} beyond those received) and was "
+            f"idle again {result.stopped_s * 1000:.0f} ms after the client left",
         )
-        # The gateway's part, on every attempt.
-        assert len(closes) == len(attempts) and closes[-1] < 100, _closing_lines(gw)
-        # The engine's counters tell the whole story only when its stream kept up: a vLLM API server
-        # that is hundreds of tokens behind its engine core also notices the closed connection late.
-        if attempt.lead_at_close <= 20:
-            assert attempt.received <= attempt.generated <= attempt.received + 20
-            assert attempt.stopped_s < BOUND_S
-            break
-    else:
-        report(
-            "test_client_disconnect_stops_generation",
-            "tokens received + 20 not judged: in no attempt did the stream keep up with the engine",
-        )
+        assert len(closes) == attempt + 1 and closes[-1] < 250, _closing_lines(gw)
+        assert departure.received <= result.generated <= departure.received + 20, result
+        assert result.stopped_s < BOUND_S, result
 
 
 def _close_times_ms(gw: GatewayProcess) -> list[float]:
@@ -915,7 +880,20 @@ async def _late_request(probe: httpx.AsyncClient, gw: GatewayProcess) -> str:
 
 
 def _stalls(log: str) -> list[str]:
-    return [line[:200] for line in log.splitlines() if STALL_MARKER in line]
+    """The watchdog's lines, each report with the innermost frames of the stack it logged (the
+    call the loop was in: the gateway's own code, or a plain system call on a frozen machine)."""
+    lines = log.splitlines()
+    found: list[str] = []
+    for index, line in enumerate(lines):
+        if STALL_MARKER not in line:
+            continue
+        stack: list[str] = []
+        for following in lines[index + 1 :]:
+            if not following.startswith(" "):
+                break
+            stack.append(following.strip())
+        found.append(" | ".join([line[:200], *stack[-4:]]))
+    return found
 
 
 DRAIN_LINES = {
