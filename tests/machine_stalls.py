@@ -65,15 +65,23 @@ def stalls_since(started: float) -> list[tuple[float, float]]:
     return found
 
 
-def stalled_during_this_test(_error: BaseException | None = None) -> bool:
-    """The rerun condition: a stall of RERUN_AFTER_S or more since the current test began."""
+def _longest_stall_in_this_test() -> float:
     if _state.test_started is None:
-        return False
-    longest = max((ended - began for began, ended in stalls_since(_state.test_started)), default=0.0)
-    if longest >= RERUN_AFTER_S:
-        _state.reruns.append((_state.test_id, longest))
-        return True
-    return False
+        return 0.0
+    return max((ended - began for began, ended in stalls_since(_state.test_started)), default=0.0)
+
+
+def stalled_during_this_test(_error: BaseException | None = None) -> bool:
+    """The rerun condition: a stall of RERUN_AFTER_S or more since the current test began.
+    (pytest-rerunfailures asks it after passing runs too: what was run again is noted from the
+    reports, in :func:`pytest_runtest_logreport`.)"""
+    return _longest_stall_in_this_test() >= RERUN_AFTER_S
+
+
+def pytest_runtest_logreport(report: pytest.TestReport) -> None:
+    rerun = str(report.outcome) == "rerun"  # pytest-rerunfailures' outcome, beyond pytest's Literal
+    if rerun and report.nodeid not in (test_id for test_id, _ in _state.reruns[-1:]):
+        _state.reruns.append((report.nodeid, _longest_stall_in_this_test()))
 
 
 def pytest_sessionstart(session: pytest.Session) -> None:
