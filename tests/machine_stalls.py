@@ -1,13 +1,15 @@
-"""Machine stalls: this test machine (a virtual machine) now and then freezes every process for
-seconds at a time (seen: 1 s to 11 s, a sleeping ``python3`` and two gateways' watchdog threads
-frozen alike, most often while vLLM engines start). A test that measures a deadline or a
-latency cannot pass through that.
+"""Machine stalls: on this test machine a process that is ready to run sometimes waits seconds for
+a CPU (seen: 1 s to 11 s). Earlier sessions took these for the virtual machine freezing; the
+watcher's own run-queue time (``/proc/self/schedstat``) showed the waits, and the main cause, vLLM
+engine processes left free to run on the other core, is now removed (``RunningEngine.pin``). A
+test that measures a deadline or a latency cannot pass through a stall of seconds.
 
 A watcher process sleeps 50 ms at a time and writes down every gap longer than
-:data:`NOTE_AFTER_S` (CLOCK_MONOTONIC is one clock for every process). A test that fails while a
-stall of at least :data:`RERUN_AFTER_S` happened during it is run once more (pytest-rerunfailures'
-``flaky`` marker with a condition): a failure without such a stall, or a second failure, stands.
-The terminal summary lists every stall and which tests were run again.
+:data:`NOTE_AFTER_S` (CLOCK_MONOTONIC is one clock for every process), with how much of it it spent
+ready to run but waiting for a CPU. A test that fails while a stall of at least
+:data:`RERUN_AFTER_S` happened during it is run once more (pytest-rerunfailures' ``flaky`` marker
+with a condition): a failure without such a stall, or a second failure, stands. The terminal
+summary lists every stall and which tests were run again.
 """
 
 from __future__ import annotations
@@ -27,13 +29,16 @@ RERUN_AFTER_S = 1.0
 _WATCHER = f"""
 import sys, time
 out = open(sys.argv[1], "a", buffering=1)
-last = time.monotonic()
+def queued():
+    with open("/proc/self/schedstat") as stat:
+        return int(stat.read().split()[1]) / 1e9
+last, waited = time.monotonic(), queued()
 while True:
     time.sleep(0.05)
-    now = time.monotonic()
+    now, now_waited = time.monotonic(), queued()
     if now - last > {NOTE_AFTER_S}:
-        out.write(f"{{last}} {{now}}\\n")
-    last = now
+        out.write(f"{{last}} {{now}} {{now_waited - waited}}\\n")
+    last, waited = now, now_waited
 """
 
 
@@ -49,18 +54,28 @@ class _Session:
 _state = _Session()
 
 
-def stalls_since(started: float) -> list[tuple[float, float]]:
-    """(began, ended) of every stall that ended after ``started`` (monotonic seconds)."""
+@dataclass(frozen=True)
+class Stall:
+    began: float
+    ended: float
+    queued: float  # of which the watcher was ready to run, waiting for a CPU
+
+    @property
+    def length(self) -> float:
+        return self.ended - self.began
+
+
+def stalls_since(started: float) -> list[Stall]:
+    """Every stall that ended after ``started`` (monotonic seconds)."""
     if _state.log is None or not _state.log.exists():
         return []
-    found: list[tuple[float, float]] = []
+    found: list[Stall] = []
     for line in _state.log.read_text(encoding="utf-8").splitlines():
-        began, _, ended = line.partition(" ")
         try:
-            stall = (float(began), float(ended))
-        except ValueError:
+            stall = Stall(*(float(value) for value in line.split()))
+        except (TypeError, ValueError):
             continue
-        if stall[1] >= started:
+        if stall.ended >= started:
             found.append(stall)
     return found
 
@@ -68,7 +83,7 @@ def stalls_since(started: float) -> list[tuple[float, float]]:
 def _longest_stall_in_this_test() -> float:
     if _state.test_started is None:
         return 0.0
-    return max((ended - began for began, ended in stalls_since(_state.test_started)), default=0.0)
+    return max((stall.length for stall in stalls_since(_state.test_started)), default=0.0)
 
 
 def stalled_during_this_test(_error: BaseException | None = None) -> bool:
@@ -114,10 +129,10 @@ def pytest_terminal_summary(terminalreporter: pytest.TerminalReporter) -> None:
     if not stalls and not _state.reruns:
         return
     terminalreporter.section("machine stalls")
-    lengths = sorted((ended - began for began, ended in stalls), reverse=True)
+    worst = sorted(stalls, key=lambda stall: stall.length, reverse=True)[:8]
     terminalreporter.write_line(
         f"a watcher process sleeping 50 ms woke over {NOTE_AFTER_S} s late {len(stalls)} time(s); longest: "
-        + ", ".join(f"{length:.1f} s" for length in lengths[:8])
+        + ", ".join(f"{stall.length:.1f} s ({stall.queued:.1f} s waiting for a CPU)" for stall in worst)
     )
     for test_id, longest in _state.reruns:
         terminalreporter.write_line(f"run again after a {longest:.1f} s stall: {test_id}")

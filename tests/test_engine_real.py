@@ -6,6 +6,7 @@ so that they never collide with names other test modules register on the same en
 
 from __future__ import annotations
 
+import os
 import time
 from collections.abc import Iterator
 from pathlib import Path
@@ -240,6 +241,17 @@ def test_engine_footprint(vllm_engine: RunningEngine) -> None:
     )
     assert 0 < pss <= rss < RSS_BOUND_BYTES
     assert len(vllm_engine.pids()) >= 2  # API server + engine core, all in the engine's group
+
+
+def test_every_engine_thread_stays_on_its_core(vllm_engine: RunningEngine) -> None:
+    """Not only the worker's compute threads (VLLM_CPU_OMP_THREADS_BIND): see RunningEngine.pin."""
+    threads = {
+        int(task.name): os.sched_getaffinity(int(task.name))
+        for pid in vllm_engine.pids()
+        for task in Path(f"/proc/{pid}/task").iterdir()
+    }
+    assert len(threads) > len(vllm_engine.pids())  # the API server alone runs several threads
+    assert {tid: cores for tid, cores in threads.items() if cores != {vllm_engine.cpu_core}} == {}
 
 
 def test_guard_allows_at_most_two_engines(vllm_engine: RunningEngine) -> None:
