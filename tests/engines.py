@@ -120,10 +120,18 @@ class RunningEngine:
         ``/proc/<pid>/schedstat`` during 20 concurrent streams), which earlier sessions took for
         the virtual machine freezing. Pinned whole, the same streams left no wait over 0.3 s.
         """
-        for pid in self.pids():
-            for task in _tasks(pid):
-                with contextlib.suppress(OSError):
-                    os.sched_setaffinity(int(task.name), {self.cpu_core})
+        for tid in self.threads():
+            with contextlib.suppress(OSError):
+                os.sched_setaffinity(tid, {self.cpu_core})
+
+    def threads(self, *, api_server: bool = True) -> list[int]:
+        """Thread ids of every process of the engine (``api_server=False``: all but its own)."""
+        return [
+            int(task.name)
+            for pid in self.pids()
+            if api_server or pid != self.process.pid
+            for task in _tasks(pid)
+        ]
 
     @contextlib.contextmanager
     def api_server_first(self, niceness: int = 10) -> Iterator[None]:
@@ -131,9 +139,8 @@ class RunningEngine:
         engine core) while inside. Pinned to one core, the engine core otherwise takes the CPU
         from its own API server, which then streams tokens well behind their generation (on a
         GPU host the two do not compete). Restored on exit."""
-        threads = [int(task.name) for pid in self.pids() if pid != self.process.pid for task in _tasks(pid)]
         before: dict[int, int] = {}
-        for tid in threads:
+        for tid in self.threads(api_server=False):
             with contextlib.suppress(OSError):
                 before[tid] = os.getpriority(os.PRIO_PROCESS, tid)
                 os.setpriority(os.PRIO_PROCESS, tid, min(19, before[tid] + niceness))

@@ -245,11 +245,7 @@ def test_engine_footprint(vllm_engine: RunningEngine) -> None:
 
 def test_every_engine_thread_stays_on_its_core(vllm_engine: RunningEngine) -> None:
     """Not only the worker's compute threads (VLLM_CPU_OMP_THREADS_BIND): see RunningEngine.pin."""
-    threads = {
-        int(task.name): os.sched_getaffinity(int(task.name))
-        for pid in vllm_engine.pids()
-        for task in Path(f"/proc/{pid}/task").iterdir()
-    }
+    threads = {tid: os.sched_getaffinity(tid) for tid in vllm_engine.threads()}
     assert len(threads) > len(vllm_engine.pids())  # the API server alone runs several threads
     assert {tid: cores for tid, cores in threads.items() if cores != {vllm_engine.cpu_core}} == {}
 
